@@ -1,1 +1,216 @@
-//! placeholder
+//! The client side of the audit store, used by every proxy and control-plane service.
+//!
+//! An event counts as recorded once it is in a durable local spool (an SQLite file, fsynced
+//! on commit), never later: [`SessionRecorder::record`] returns only then. A background
+//! shipper streams the spool to the audit store in batches and deletes what the store
+//! acknowledges. After a store outage, or a crash and restart of the process, the shipper
+//! sends whatever the spool still holds; the store is idempotent on (session, sequence), so
+//! a batch sent twice is stored once.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), agentgate_recorder::RecorderError> {
+//! use agentgate_recorder::{Recorder, RecorderConfig, SessionContext};
+//! let recorder = Recorder::open(RecorderConfig::new("http://127.0.0.1:7403", "/var/lib/agentgate/spool.db")).await?;
+//! let session = recorder.session(SessionContext { connection: "prod-db".into(), ..Default::default() });
+//! session.record("session.start", None).await?;
+//! # Ok(()) }
+//! ```
+
+mod shipper;
+mod spool;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use agentgate_proto::audit::v1::AuditEvent;
+use agentgate_proto::audit::v1::audit_event::Detail;
+use agentgate_proto::common::v1::{Principal, Protocol};
+use prost::Message as _;
+use tokio::sync::Mutex;
+use tonic::transport::{ClientTlsConfig, Endpoint};
+
+pub use spool::Spool;
+
+/// Why recording failed. Only a spool failure can fail `record`: the store being away never
+/// does, since that is what the spool is for.
+#[derive(Debug, thiserror::Error)]
+pub enum RecorderError {
+    #[error("audit spool {path}: {reason}")]
+    Spool { path: String, reason: String },
+    #[error("audit store endpoint {endpoint}: {reason}")]
+    Endpoint { endpoint: String, reason: String },
+    #[error("the recorder is closed")]
+    Closed,
+    #[error("timed out with {0} events not yet acknowledged by the audit store")]
+    FlushTimeout(u64),
+}
+
+/// Where to ship and how to batch.
+#[derive(Debug, Clone)]
+pub struct RecorderConfig {
+    /// The audit store's gRPC address, e.g. `http://127.0.0.1:7403` (`https://` for TLS).
+    pub endpoint: String,
+    pub tls: Option<ClientTlsConfig>,
+    /// The spool file; it survives restarts and must be on durable storage.
+    pub spool_path: PathBuf,
+    /// Most events in one Ingest batch.
+    pub batch_max: usize,
+    /// Batches sent before the first is acknowledged.
+    pub in_flight: usize,
+    /// Longest wait between reconnect attempts while the store is away.
+    pub max_backoff: Duration,
+}
+
+impl RecorderConfig {
+    /// Defaults fit for a proxy: batches of 1000, 4 in flight, backoff up to 5 s.
+    pub fn new(endpoint: impl Into<String>, spool_path: impl Into<PathBuf>) -> Self {
+        RecorderConfig {
+            endpoint: endpoint.into(),
+            tls: None,
+            spool_path: spool_path.into(),
+            batch_max: 1000,
+            in_flight: 4,
+            max_backoff: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Records events durably and ships them; cheap to clone, one per process is enough.
+#[derive(Clone)]
+pub struct Recorder {
+    spool: Spool,
+    shipper: Arc<shipper::Handle>,
+}
+
+impl Recorder {
+    /// Opens (or creates) the spool and starts shipping what it holds.
+    pub async fn open(config: RecorderConfig) -> Result<Recorder, RecorderError> {
+        let endpoint_err = |reason: String| RecorderError::Endpoint {
+            endpoint: config.endpoint.clone(),
+            reason,
+        };
+        let mut endpoint = Endpoint::from_shared(config.endpoint.clone())
+            .map_err(|e| endpoint_err(e.to_string()))?
+            .connect_timeout(Duration::from_secs(5))
+            .tcp_nodelay(true);
+        if let Some(tls) = config.tls.clone() {
+            endpoint = endpoint.tls_config(tls).map_err(|e| endpoint_err(e.to_string()))?;
+        }
+        let spool = Spool::open(&config.spool_path).await?;
+        let shipper = shipper::spawn(spool.clone(), endpoint, config);
+        Ok(Recorder {
+            spool,
+            shipper: Arc::new(shipper),
+        })
+    }
+
+    /// Starts recording a new session with a fresh id (UUID v7: sortable by time).
+    pub fn session(&self, context: SessionContext) -> SessionRecorder {
+        self.session_with_id(uuid::Uuid::now_v7().to_string(), context)
+    }
+
+    /// Records under a session id chosen elsewhere (e.g. the one authz assigned).
+    pub fn session_with_id(&self, session_id: String, context: SessionContext) -> SessionRecorder {
+        SessionRecorder {
+            recorder: self.clone(),
+            session_id,
+            context,
+            next: Arc::new(Mutex::new(1)),
+        }
+    }
+
+    /// Appends one complete event to the spool; returns once it is durable.
+    pub async fn record_event(&self, event: &AuditEvent) -> Result<(), RecorderError> {
+        self.spool.append(event.encode_to_vec()).await?;
+        self.shipper.wake();
+        Ok(())
+    }
+
+    /// Events spooled but not yet acknowledged by the store.
+    pub fn backlog(&self) -> u64 {
+        self.spool.len()
+    }
+
+    /// Waits until the store has acknowledged everything spooled so far.
+    pub async fn flush(&self, timeout: Duration) -> Result<(), RecorderError> {
+        let mut backlog = self.spool.subscribe();
+        self.shipper.wake();
+        let wait = backlog.wait_for(|n| *n == 0);
+        match tokio::time::timeout(timeout, wait).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(_)) => Err(RecorderError::Closed),
+            Err(_) => Err(RecorderError::FlushTimeout(self.backlog())),
+        }
+    }
+}
+
+/// Who and what a session is about; copied into every event of the session, so each event
+/// stands on its own as evidence.
+#[derive(Debug, Clone, Default)]
+pub struct SessionContext {
+    pub principal: Option<Principal>,
+    pub source_address: String,
+    pub connection: String,
+    pub protocol: Protocol,
+    pub role: String,
+}
+
+/// Records the events of one session with gap-free sequence numbers.
+#[derive(Clone)]
+pub struct SessionRecorder {
+    recorder: Recorder,
+    session_id: String,
+    context: SessionContext,
+    /// The next sequence number; the lock also keeps spool order equal to sequence order.
+    next: Arc<Mutex<u64>>,
+}
+
+impl SessionRecorder {
+    pub fn session_id(&self) -> &str {
+        &self.session_id
+    }
+
+    /// Records an event of this session now; returns its sequence number once durable.
+    pub async fn record(&self, kind: &str, detail: Option<Detail>) -> Result<u64, RecorderError> {
+        self.record_with(kind, detail, Default::default()).await
+    }
+
+    /// Like [`SessionRecorder::record`], with extra string attributes.
+    pub async fn record_with(
+        &self,
+        kind: &str,
+        detail: Option<Detail>,
+        attributes: std::collections::HashMap<String, String>,
+    ) -> Result<u64, RecorderError> {
+        let mut next = self.next.lock().await;
+        let sequence = *next;
+        let event = AuditEvent {
+            session_id: self.session_id.clone(),
+            sequence,
+            time: Some(now()),
+            kind: kind.to_owned(),
+            principal: self.context.principal.clone(),
+            source_address: self.context.source_address.clone(),
+            connection: self.context.connection.clone(),
+            protocol: self.context.protocol as i32,
+            role: self.context.role.clone(),
+            detail,
+            attributes,
+        };
+        self.recorder.record_event(&event).await?;
+        *next += 1;
+        Ok(sequence)
+    }
+}
+
+fn now() -> prost_types::Timestamp {
+    let d = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    prost_types::Timestamp {
+        seconds: d.as_secs() as i64,
+        // Microsecond precision, as the store keeps it.
+        nanos: (d.subsec_micros() * 1000) as i32,
+    }
+}

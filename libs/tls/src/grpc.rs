@@ -8,7 +8,7 @@
 use rustls::pki_types::ServerName;
 use tonic::transport::{Certificate, ClientTlsConfig, Identity, ServerTlsConfig};
 
-use crate::pem::PemFile;
+use crate::pem::read_file;
 use crate::{TlsConfig, TlsError, rustls_client_config, rustls_server_config};
 
 /// The tonic server TLS configuration for `cfg`, or `None` when `cfg` is entirely empty
@@ -30,11 +30,12 @@ pub fn grpc_server_tls(cfg: &TlsConfig) -> Result<Option<ServerTlsConfig>, TlsEr
     };
     rustls_server_config(cfg)?;
 
-    let cert = PemFile::read(cert_path)?;
-    let key = PemFile::read(key_path)?;
-    let mut tls = ServerTlsConfig::new().identity(Identity::from_pem(cert.bytes, key.bytes));
+    let mut tls = ServerTlsConfig::new().identity(Identity::from_pem(
+        read_file(cert_path)?,
+        read_file(key_path)?,
+    ));
     if let Some(ca) = &cfg.ca {
-        tls = tls.client_ca_root(Certificate::from_pem(PemFile::read(ca)?.bytes));
+        tls = tls.client_ca_root(Certificate::from_pem(read_file(ca)?));
     }
     Ok(Some(tls))
 }
@@ -62,17 +63,13 @@ pub fn grpc_client_tls(
 
     let mut tls = ClientTlsConfig::new().domain_name(server_name);
     if let Some(ca) = &cfg.ca {
-        let ca = PemFile::read(ca)?;
-        tracing_free_note(&ca);
-        tls = tls.ca_certificate(Certificate::from_pem(ca.bytes));
+        tls = tls.ca_certificate(Certificate::from_pem(read_file(ca)?));
     }
     if let Some((cert_path, key_path)) = cfg.identity()? {
-        let cert = PemFile::read(cert_path)?;
-        let key = PemFile::read(key_path)?;
-        tls = tls.identity(Identity::from_pem(cert.bytes, key.bytes));
+        tls = tls.identity(Identity::from_pem(
+            read_file(cert_path)?,
+            read_file(key_path)?,
+        ));
     }
     Ok(Some(tls))
 }
-
-/// Kept as a seam: the CA file's path is not needed once validated.
-fn tracing_free_note(_ca: &PemFile) {}

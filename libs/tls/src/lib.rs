@@ -31,6 +31,8 @@
 //! # Ok::<(), agentgate_tls::TlsError>(())
 //! ```
 
+#![warn(missing_docs)]
+
 mod dev;
 mod error;
 mod grpc;
@@ -49,6 +51,8 @@ pub use rustls_config::{rustls_client_config, rustls_server_config};
 /// Re-exported so callers can name certificate and key types without depending on rustls
 /// directly (and so they get the same version this crate uses).
 pub use rustls;
+/// Re-exported for the proxies: `tokio_rustls::TlsAcceptor::from(rustls_server_config(..)?)`.
+pub use tokio_rustls;
 
 /// The TLS settings of one service, as they appear in its TOML section (`[tls]`) or in
 /// environment variables: three file paths, all optional.
@@ -147,8 +151,15 @@ mod tests {
             key: Some("/x/key.pem".into()),
             ..Default::default()
         };
-        let err = cfg.identity().err().map(|e| e.to_string()).unwrap_or_default();
-        assert!(err.contains("`key` is set (/x/key.pem) but `cert` is not"), "{err}");
+        let err = cfg
+            .identity()
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(
+            err.contains("`key` is set (/x/key.pem) but `cert` is not"),
+            "{err}"
+        );
     }
 
     #[test]

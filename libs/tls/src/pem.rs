@@ -3,7 +3,7 @@
 //! PEM parsing is rustls-pki-types' own (`PemObject`), the maintained successor of
 //! rustls-pemfile, reached through the `rustls::pki_types` re-export.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use rustls::RootCertStore;
 use rustls::pki_types::pem::{self, PemObject};
@@ -96,21 +96,6 @@ pub fn load_roots(path: impl AsRef<Path>) -> Result<RootCertStore, TlsError> {
     parse_roots(path, &read_file(path)?)
 }
 
-/// A PEM file read and validated once, kept as bytes for APIs (tonic) that want PEM.
-pub(crate) struct PemFile {
-    pub(crate) path: PathBuf,
-    pub(crate) bytes: Vec<u8>,
-}
-
-impl PemFile {
-    pub(crate) fn read(path: &Path) -> Result<Self, TlsError> {
-        Ok(Self {
-            path: path.to_path_buf(),
-            bytes: read_file(path)?,
-        })
-    }
-}
-
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
@@ -118,7 +103,9 @@ mod tests {
 
     #[test]
     fn missing_file_names_the_path_and_the_cause() {
-        let err = load_certs("/nonexistent/agentgate/ca.pem").unwrap_err().to_string();
+        let err = load_certs("/nonexistent/agentgate/ca.pem")
+            .unwrap_err()
+            .to_string();
         assert!(
             err.starts_with("reading /nonexistent/agentgate/ca.pem: No such file"),
             "{err}"

@@ -1,0 +1,138 @@
+//! Ships the spool to the audit store over one Ingest stream, with a few batches in flight,
+//! and reconnects with backoff whenever the store goes away.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::Duration;
+
+use agentgate_proto::audit::v1::audit_store_client::AuditStoreClient;
+use agentgate_proto::audit::v1::{AuditEvent, IngestRequest};
+use prost::Message as _;
+use tokio::sync::{Notify, mpsc};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::Code;
+use tonic::transport::Endpoint;
+
+use crate::{RecorderConfig, Spool};
+
+/// Wakes the shipper when something new is spooled.
+pub(crate) struct Handle {
+    notify: Arc<Notify>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Handle {
+    pub(crate) fn wake(&self) {
+        self.notify.notify_one();
+    }
+}
+
+impl Drop for Handle {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+pub(crate) fn spawn(spool: Spool, endpoint: Endpoint, config: RecorderConfig) -> Handle {
+    let notify = Arc::new(Notify::new());
+    let task = tokio::spawn(run(spool, endpoint, config, notify.clone()));
+    Handle { notify, task }
+}
+
+async fn run(spool: Spool, endpoint: Endpoint, config: RecorderConfig, notify: Arc<Notify>) {
+    let first_backoff = Duration::from_millis(100);
+    let mut backoff = first_backoff;
+    loop {
+        if spool.is_empty() {
+            let _ = tokio::time::timeout(Duration::from_secs(1), notify.notified()).await;
+            continue;
+        }
+        match ship(&spool, &endpoint, &config, &notify).await {
+            Ok(()) => backoff = first_backoff,
+            Err(e) => {
+                tracing::warn!(error = %e, backlog = spool.len(), retry_in = ?backoff, "audit store unreachable; events stay spooled");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(config.max_backoff);
+            }
+        }
+    }
+}
+
+/// One connection's worth of shipping. Returns an error when the stream breaks; whatever was
+/// in flight and unacknowledged is still spooled and is resent on the next connection.
+async fn ship(spool: &Spool, endpoint: &Endpoint, config: &RecorderConfig, notify: &Notify) -> Result<(), String> {
+    let channel = endpoint.connect().await.map_err(|e| format!("connect: {e}"))?;
+    let mut client = AuditStoreClient::new(channel)
+        .max_encoding_message_size(64 << 20)
+        .max_decoding_message_size(64 << 20);
+    let (requests, rx) = mpsc::channel(config.in_flight.max(1));
+    let mut acks = client
+        .ingest(ReceiverStream::new(rx))
+        .await
+        .map_err(|s| format!("ingest: {}", s.message()))?
+        .into_inner();
+
+    // (first spool id, last spool id) of each batch sent and not yet acknowledged.
+    let mut in_flight: VecDeque<(i64, i64)> = VecDeque::new();
+    let mut sent_through = 0i64;
+    loop {
+        while in_flight.len() < config.in_flight.max(1) {
+            let rows = spool
+                .read_after(sent_through, config.batch_max)
+                .await
+                .map_err(|e| e.to_string())?;
+            let (Some(first), Some(last)) = (rows.first().map(|r| r.0), rows.last().map(|r| r.0)) else {
+                break;
+            };
+            let mut events = Vec::with_capacity(rows.len());
+            for (id, body) in &rows {
+                match AuditEvent::decode(body.as_slice()) {
+                    Ok(e) => events.push(e),
+                    // Cannot happen for events this crate spooled; keep them aside, not lost.
+                    Err(e) => spool
+                        .reject_through(*id, *id, &format!("undecodable in spool: {e}"))
+                        .await
+                        .map_err(|e| e.to_string())?,
+                }
+            }
+            requests
+                .send(IngestRequest {
+                    batch_id: last as u64,
+                    events,
+                })
+                .await
+                .map_err(|_| "the ingest stream closed".to_string())?;
+            in_flight.push_back((first, last));
+            sent_through = last;
+        }
+
+        tokio::select! {
+            ack = acks.message() => match ack {
+                Ok(Some(ack)) => {
+                    let Some((_, last)) = in_flight.pop_front() else {
+                        return Err(format!("acknowledgement of batch {} that was not sent", ack.batch_id));
+                    };
+                    if ack.batch_id != last as u64 {
+                        return Err(format!("acknowledgement of batch {}, expected {last}", ack.batch_id));
+                    }
+                    spool.acknowledge_through(last).await.map_err(|e| e.to_string())?;
+                    for gap in &ack.gaps {
+                        tracing::warn!(session = %gap.session_id, from = gap.from, to = gap.to, "audit store reports missing events");
+                    }
+                }
+                Ok(None) => return Err("the audit store ended the ingest stream".into()),
+                Err(status) if status.code() == Code::InvalidArgument => {
+                    // The store acknowledges earlier batches before refusing one, so the
+                    // refused batch is the oldest in flight. Keep it aside; resend the rest.
+                    if let Some((first, last)) = in_flight.pop_front() {
+                        tracing::error!(reason = status.message(), first, last, "audit store refused a batch; kept in spool_rejected");
+                        spool.reject_through(first, last, status.message()).await.map_err(|e| e.to_string())?;
+                    }
+                    return Ok(());
+                }
+                Err(status) => return Err(format!("{:?}: {}", status.code(), status.message())),
+            },
+            _ = notify.notified(), if in_flight.len() < config.in_flight.max(1) => {}
+        }
+    }
+}
