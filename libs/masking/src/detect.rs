@@ -342,10 +342,10 @@ fn phone_nanp(h: &Hay, s: usize, a: usize, mut paren: bool) -> Decide<Option<Fou
 /// excluded.
 pub(crate) fn us_ssn(h: &Hay, a: usize) -> Decide<Option<Found>> {
     if let Some(p) = h.prev(a) {
-        if p.is_ascii_alphanumeric() || p == b'_' {
+        if p.is_ascii_alphanumeric() || p == b'_' || p == b'.' {
             return Ok(None);
         }
-        if matches!(p, b'-' | b'.' | b'/') && h.prev(a - 1).is_some_and(is_digit) {
+        if matches!(p, b'-' | b'/') && h.prev(a - 1).is_some_and(is_digit) {
             return Ok(None);
         }
     }

@@ -159,11 +159,18 @@ impl Scanner {
         while pos < limit {
             let off = b[pos..limit].iter().position(|&c| self.class[c as usize] != 0)?;
             let i = pos + off;
-            if self.class[b[i] as usize] == DIGIT && i > 0 && b[i - 1].is_ascii_digit() {
-                // inside a digit run: skip to its end
-                let run = b[i..limit].iter().position(|c| !c.is_ascii_digit());
-                pos = i + run?;
-                continue;
+            if self.class[b[i] as usize] == DIGIT && i > 0 {
+                let p = b[i - 1];
+                if p.is_ascii_digit() {
+                    // inside a digit run: skip to its end
+                    let run = b[i..limit].iter().position(|c| !c.is_ascii_digit());
+                    pos = i + run?;
+                    continue;
+                }
+                if glued(p) && !self.iban_possible(b, i) {
+                    pos = i + 1;
+                    continue;
+                }
             }
             return Some(i);
         }
@@ -187,30 +194,65 @@ impl Scanner {
 
     fn at_digit(&self, h: Hay, a: usize, lo: usize) -> Decide<Option<Found>> {
         let b = h.b;
-        if self.on(DetectorKind::Iban)
+        if self.iban_possible(b, a)
+            && let Some(m) = detect::iban(&h, a, lo)?
+        {
+            return Ok(Some(m));
+        }
+        let prev = h.prev(a);
+        if prev.is_some_and(glued) {
+            // every other digit detector refuses a number glued to a word or a decimal point
+            return Ok(None);
+        }
+        // The shape of the run decides which detectors can match at all; most numbers in
+        // text (counts, dates, times, sizes) are rejected here without running any.
+        let mut e = a;
+        while e - a < 20 {
+            match h.get(e)? {
+                Some(c) if c.is_ascii_digit() => e += 1,
+                _ => break,
+            }
+        }
+        let l = e - a;
+        let next = h.get(e)?;
+        let maybe = matches!(prev, Some(b'+' | b'('))
+            || l >= 12
+            || (matches!(next, Some(b' ' | b'-'))
+                && ((3..=6).contains(&l) || (l == 1 && b[a] == b'1')))
+            || (next == Some(b'.') && l <= 3);
+        if !maybe {
+            return Ok(None);
+        }
+        if self.on(DetectorKind::PaymentCard)
+            && let Some(m) = detect::payment_card(&h, a)?
+        {
+            return Ok(Some(m));
+        }
+        if self.on(DetectorKind::UsSsn)
+            && let Some(m) = detect::us_ssn(&h, a)?
+        {
+            return Ok(Some(m));
+        }
+        if self.on(DetectorKind::Phone)
+            && let Some(m) = detect::phone(&h, a, lo)?
+        {
+            return Ok(Some(m));
+        }
+        if self.on(DetectorKind::Ipv4)
+            && let Some(m) = detect::ipv4(&h, a)?
+        {
+            return Ok(Some(m));
+        }
+        Ok(None)
+    }
+
+    /// Two capital letters before the digits: an IBAN country code may be there.
+    #[inline]
+    fn iban_possible(&self, b: &[u8], a: usize) -> bool {
+        self.on(DetectorKind::Iban)
             && a >= 2
             && b[a - 1].is_ascii_uppercase()
             && b[a - 2].is_ascii_uppercase()
-            && let Some(m) = detect::iban(&h, a, lo)? {
-                return Ok(Some(m));
-            }
-        if self.on(DetectorKind::PaymentCard)
-            && let Some(m) = detect::payment_card(&h, a)? {
-                return Ok(Some(m));
-            }
-        if self.on(DetectorKind::UsSsn)
-            && let Some(m) = detect::us_ssn(&h, a)? {
-                return Ok(Some(m));
-            }
-        if self.on(DetectorKind::Phone)
-            && let Some(m) = detect::phone(&h, a, lo)? {
-                return Ok(Some(m));
-            }
-        if self.on(DetectorKind::Ipv4)
-            && let Some(m) = detect::ipv4(&h, a)? {
-                return Ok(Some(m));
-            }
-        Ok(None)
     }
 
     fn at_colon(&self, h: Hay, a: usize, lo: usize) -> Decide<Option<Found>> {
@@ -232,4 +274,10 @@ impl Scanner {
         self.scan(Hay { b: input, eof: true }, 0, 0, &mut |m| out.push(m));
         out
     }
+}
+
+/// A byte that glues a following digit run to something else (a word, a decimal number).
+#[inline(always)]
+fn glued(p: u8) -> bool {
+    p.is_ascii_alphanumeric() || p == b'.' || p == b'_'
 }

@@ -36,6 +36,9 @@ pub use store::Store;
 /// Largest gRPC message accepted: a full batch of large events.
 const MAX_MESSAGE_BYTES: usize = 64 << 20;
 
+/// How long shutdown waits for calls in progress.
+const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(3);
+
 /// A running audit store. Dropping it does not stop it; call [`RunningAuditStore::shutdown`].
 pub struct RunningAuditStore {
     /// The address it listens on (useful with port 0).
@@ -48,12 +51,17 @@ pub struct RunningAuditStore {
 }
 
 impl RunningAuditStore {
-    /// Stops accepting, lets calls in progress finish, and waits for the server to end.
+    /// Stops accepting and lets calls in progress finish, for at most `SHUTDOWN_GRACE`
+    /// (a recorder's Ingest stream never ends by itself); then the server is dropped.
+    /// Every acknowledged batch is committed already, so nothing acknowledged is lost.
     pub async fn shutdown(mut self) -> anyhow::Result<()> {
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
         }
-        self.task.await.context("audit store task")??;
+        match tokio::time::timeout(SHUTDOWN_GRACE, &mut self.task).await {
+            Ok(joined) => joined.context("audit store task")??,
+            Err(_) => self.task.abort(),
+        }
         Ok(())
     }
 

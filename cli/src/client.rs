@@ -1,0 +1,75 @@
+//! Connecting to agentgate's services with errors a person can act on.
+
+use std::path::PathBuf;
+
+use agentgate_proto::audit::v1::audit_store_client::AuditStoreClient;
+use anyhow::Context as _;
+use clap::Args;
+use tonic::transport::{Channel, Endpoint};
+
+/// Where the audit store is and how to trust it.
+#[derive(Args, Clone)]
+pub struct StoreArgs {
+    /// The audit store's gRPC URL.
+    #[arg(long = "store", env = "AGENTGATE_AUDIT_STORE_URL", default_value = "http://127.0.0.1:7403")]
+    pub url: String,
+    /// CA that signed the store's certificate (with an https:// URL).
+    #[arg(long, env = "AGENTGATE_TLS_CA")]
+    pub ca: Option<PathBuf>,
+    /// Client certificate, when the store requires mutual TLS.
+    #[arg(long, env = "AGENTGATE_TLS_CERT", requires = "key")]
+    pub cert: Option<PathBuf>,
+    /// Client private key.
+    #[arg(long, env = "AGENTGATE_TLS_KEY", requires = "cert")]
+    pub key: Option<PathBuf>,
+}
+
+impl StoreArgs {
+    /// Connects, or explains in one line why not.
+    pub async fn connect(&self) -> anyhow::Result<AuditStoreClient<Channel>> {
+        let uri: http::Uri = self
+            .url
+            .parse()
+            .ok()
+            .filter(|u: &http::Uri| matches!(u.scheme_str(), Some("http" | "https")) && u.host().is_some())
+            .with_context(|| format!("audit store URL {:?} is not an http:// or https:// URL", self.url))?;
+        let mut endpoint = Endpoint::from(uri.clone()).connect_timeout(std::time::Duration::from_secs(5));
+        if uri.scheme_str() == Some("https") {
+            let tls = agentgate_tls::TlsConfig {
+                cert: self.cert.clone(),
+                key: self.key.clone(),
+                ca: self.ca.clone(),
+            };
+            let host = uri.host().unwrap_or_default();
+            if let Some(tls) = agentgate_tls::grpc_client_tls(&tls, host)? {
+                endpoint = endpoint.tls_config(tls)?;
+            }
+        }
+        let channel = endpoint.connect().await.map_err(|e| {
+            anyhow::anyhow!(
+                "cannot reach the audit store at {}: {} (is it running? `agentgate up` starts it)",
+                self.url,
+                root_cause(&e)
+            )
+        })?;
+        Ok(AuditStoreClient::new(channel)
+            .max_decoding_message_size(64 << 20)
+            .max_encoding_message_size(64 << 20))
+    }
+}
+
+fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut cause = e;
+    while let Some(next) = cause.source() {
+        cause = next;
+    }
+    cause.to_string()
+}
+
+/// A gRPC error as one line: the status message, with the code when it adds something.
+pub fn status(e: tonic::Status) -> anyhow::Error {
+    match e.code() {
+        tonic::Code::Unavailable => anyhow::anyhow!("audit store unavailable: {}", e.message()),
+        code => anyhow::anyhow!("{} ({code:?})", e.message()),
+    }
+}

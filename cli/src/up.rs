@@ -1,0 +1,105 @@
+//! `agentgate up`: every service that exists, in one process, each on its own port, from one
+//! configuration file (or built-in defaults that need nothing installed).
+
+use std::path::PathBuf;
+
+use anyhow::Context as _;
+use clap::Args;
+use serde::{Deserialize, Serialize};
+
+#[derive(Args)]
+pub struct UpArgs {
+    /// The deployment's TOML file; every value can also be set as AGENTGATE_<SECTION>__<KEY>.
+    #[arg(long, env = "AGENTGATE_CONFIG")]
+    config: Option<PathBuf>,
+    /// Where keys and embedded databases live (overrides `data_dir` in the file).
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+}
+
+/// The whole deployment's configuration: one table per service.
+#[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct GatewayConfig {
+    /// Keys and embedded databases; default `$XDG_DATA_HOME/agentgate` or
+    /// `~/.local/share/agentgate`.
+    pub data_dir: Option<PathBuf>,
+    pub telemetry: agentgate_telemetry::TelemetryConfig,
+    pub audit_store: agentgate_audit_store::AuditStoreConfig,
+}
+
+fn default_data_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("XDG_DATA_HOME").filter(|d| !d.is_empty()) {
+        return PathBuf::from(dir).join("agentgate");
+    }
+    match std::env::var_os("HOME") {
+        Some(home) => PathBuf::from(home).join(".local/share/agentgate"),
+        None => PathBuf::from(".agentgate"),
+    }
+}
+
+pub async fn run(args: UpArgs) -> anyhow::Result<()> {
+    let config: GatewayConfig = agentgate_config::load(args.config.as_deref(), "AGENTGATE")?;
+    let _telemetry = agentgate_telemetry::init("agentgate", &config.telemetry)?;
+    let data_dir = args
+        .data_dir
+        .or(config.data_dir.clone())
+        .unwrap_or_else(default_data_dir);
+    create_private_dir(&data_dir)?;
+
+    let metrics = agentgate_telemetry::Metrics::new("agentgate");
+    let audit = agentgate_audit_store::start(&config.audit_store, &data_dir, Some(&metrics)).await?;
+    let metrics_server = match config.telemetry.metrics_address {
+        Some(addr) => Some(
+            agentgate_telemetry::serve_metrics(addr, metrics.clone(), std::future::pending())
+                .await
+                .with_context(|| format!("metrics endpoint {addr}"))?,
+        ),
+        None => None,
+    };
+
+    println!("agentgate is up; data in {}", data_dir.display());
+    println!(
+        "  audit-store  {}://{}  ({}, signing key {})",
+        if config.audit_store.tls.enabled() { "https" } else { "http" },
+        audit.addr,
+        audit.store.backend(),
+        agentgate_audit_chain::key_id(&audit.public_key)
+    );
+    if let Some(m) = &metrics_server {
+        println!("  metrics      http://{}/metrics", m.local_addr());
+    }
+    println!("Press Ctrl-C to stop.");
+
+    let mut audit = audit;
+    tokio::select! {
+        r = audit.wait() => return r.context("the audit store stopped"),
+        r = shutdown_signal() => r?,
+    }
+    println!("stopping");
+    if let Some(m) = metrics_server {
+        m.abort();
+    }
+    audit.shutdown().await?;
+    println!("stopped");
+    Ok(())
+}
+
+/// Ctrl-C, or SIGTERM as a service manager sends it.
+async fn shutdown_signal() -> anyhow::Result<()> {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        r = tokio::signal::ctrl_c() => r?,
+        _ = term.recv() => {}
+    }
+    Ok(())
+}
+
+fn create_private_dir(dir: &std::path::Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::DirBuilderExt as _;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .with_context(|| format!("creating data directory {}", dir.display()))
+}
