@@ -137,7 +137,9 @@ fn timestamp(t: SystemTime) -> prost_types::Timestamp {
 
 fn show_time(t: Option<&prost_types::Timestamp>) -> String {
     let Some(t) = t else { return "-".into() };
-    let Ok(secs) = u64::try_from(t.seconds) else { return "-".into() };
+    let Ok(secs) = u64::try_from(t.seconds) else {
+        return "-".into();
+    };
     let time = UNIX_EPOCH + Duration::new(secs, t.nanos.clamp(0, 999_999_999) as u32);
     humantime::format_rfc3339_micros(time).to_string()
 }
@@ -168,7 +170,9 @@ pub async fn run(cmd: AuditCommand) -> anyhow::Result<()> {
                 .list_sessions(ListSessionsRequest {
                     principal: principal.unwrap_or_default(),
                     connection: connection.unwrap_or_default(),
-                    protocol: protocol.map(|p| Protocol::from(p) as i32).unwrap_or_default(),
+                    protocol: protocol
+                        .map(|p| Protocol::from(p) as i32)
+                        .unwrap_or_default(),
                     time: window.range(),
                     limit,
                 })
@@ -183,7 +187,11 @@ pub async fn run(cmd: AuditCommand) -> anyhow::Result<()> {
                 let gaps = if s.gaps.is_empty() {
                     String::new()
                 } else {
-                    let runs: Vec<String> = s.gaps.iter().map(|g| format!("{}-{}", g.from, g.to)).collect();
+                    let runs: Vec<String> = s
+                        .gaps
+                        .iter()
+                        .map(|g| format!("{}-{}", g.from, g.to))
+                        .collect();
                     format!("  MISSING EVENTS {}", runs.join(","))
                 };
                 println!(
@@ -200,10 +208,16 @@ pub async fn run(cmd: AuditCommand) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        AuditCommand::Events { session, store, json } => {
+        AuditCommand::Events {
+            session,
+            store,
+            json,
+        } => {
             let mut c = store.connect().await?;
             let mut stream = c
-                .replay_session(ReplaySessionRequest { session_id: session })
+                .replay_session(ReplaySessionRequest {
+                    session_id: session,
+                })
                 .await
                 .map_err(status)?
                 .into_inner();
@@ -224,11 +238,23 @@ pub async fn run(cmd: AuditCommand) -> anyhow::Result<()> {
             public_key,
             ..
         } => verify_offline(&path, public_key.as_deref()),
-        AuditCommand::Verify { bundle: None, store, .. } => {
+        AuditCommand::Verify {
+            bundle: None,
+            store,
+            ..
+        } => {
             let mut c = store.connect().await?;
-            let v = c.verify(VerifyRequest {}).await.map_err(status)?.into_inner();
+            let v = c
+                .verify(VerifyRequest {})
+                .await
+                .map_err(status)?
+                .into_inner();
             if !v.ok {
-                bail!("TAMPERED at chain record {}: {}", v.first_bad_sequence, v.error);
+                bail!(
+                    "TAMPERED at chain record {}: {}",
+                    v.first_bad_sequence,
+                    v.error
+                );
             }
             println!(
                 "OK: {} events and {} signed checkpoints verify (chain starts after {}; {} newest events not yet signed)",
@@ -236,15 +262,22 @@ pub async fn run(cmd: AuditCommand) -> anyhow::Result<()> {
             );
             Ok(())
         }
-        AuditCommand::Export { store, output, window } => {
+        AuditCommand::Export {
+            store,
+            output,
+            window,
+        } => {
             let mut c = store.connect().await?;
             let mut stream = c
-                .export(ExportRequest { time: window.range() })
+                .export(ExportRequest {
+                    time: window.range(),
+                })
                 .await
                 .map_err(status)?
                 .into_inner();
             let tmp = output.with_extension("partial");
-            let mut file = std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+            let mut file = std::fs::File::create(&tmp)
+                .with_context(|| format!("creating {}", tmp.display()))?;
             let mut bytes = 0;
             while let Some(chunk) = stream.next().await {
                 let chunk = chunk.map_err(status)?;
@@ -252,7 +285,8 @@ pub async fn run(cmd: AuditCommand) -> anyhow::Result<()> {
                 file.write_all(&chunk.data)?;
             }
             file.sync_all()?;
-            std::fs::rename(&tmp, &output).with_context(|| format!("writing {}", output.display()))?;
+            std::fs::rename(&tmp, &output)
+                .with_context(|| format!("writing {}", output.display()))?;
             let report = verify_bundle(BufReader::new(std::fs::File::open(&output)?), None)
                 .context("the exported bundle does not verify")?;
             println!(
@@ -266,7 +300,11 @@ pub async fn run(cmd: AuditCommand) -> anyhow::Result<()> {
         }
         AuditCommand::Checkpoint { store } => {
             let mut c = store.connect().await?;
-            let cp = c.checkpoint(CheckpointRequest {}).await.map_err(status)?.into_inner();
+            let cp = c
+                .checkpoint(CheckpointRequest {})
+                .await
+                .map_err(status)?
+                .into_inner();
             println!(
                 "checkpoint at chain record {}, head {}, key {}",
                 cp.chain_sequence,
@@ -303,13 +341,22 @@ fn verify_offline(path: &Path, public_key: Option<&str>) -> anyhow::Result<()> {
                 report.chain.events_checked,
                 report.chain.checkpoints_checked,
                 report.key_id,
-                if pinned.is_some() { ", pinned" } else { ", not pinned: pass --public-key" },
+                if pinned.is_some() {
+                    ", pinned"
+                } else {
+                    ", not pinned: pass --public-key"
+                },
                 report.chain.anchored_at
             );
             Ok(())
         }
         Err(BundleError::Tampered(f)) => {
-            bail!("{}: TAMPERED at chain record {}: {}", path.display(), f.chain_sequence, f.reason)
+            bail!(
+                "{}: TAMPERED at chain record {}: {}",
+                path.display(),
+                f.chain_sequence,
+                f.reason
+            )
         }
         Err(e) => bail!("{}: {e}", path.display()),
     }
@@ -331,8 +378,17 @@ fn hex(bytes: &[u8]) -> String {
 
 /// One event as a line a reviewer can read.
 fn timeline_line(e: &AuditEvent) -> String {
-    let who = e.principal.as_ref().map(|p| p.subject.as_str()).unwrap_or("-");
-    let head = format!("{}  #{:<4} {:<16}", show_time(e.time.as_ref()), e.sequence, e.kind);
+    let who = e
+        .principal
+        .as_ref()
+        .map(|p| p.subject.as_str())
+        .unwrap_or("-");
+    let head = format!(
+        "{}  #{:<4} {:<16}",
+        show_time(e.time.as_ref()),
+        e.sequence,
+        e.kind
+    );
     let body = match &e.detail {
         Some(Detail::SessionStarted(s)) => format!(
             "{who} from {} to {} ({}) as {}{}",
@@ -340,7 +396,11 @@ fn timeline_line(e: &AuditEvent) -> String {
             e.connection,
             protocol_name(e.protocol),
             e.role,
-            if s.client.is_empty() { String::new() } else { format!(", client {}", s.client) }
+            if s.client.is_empty() {
+                String::new()
+            } else {
+                format!(", client {}", s.client)
+            }
         ),
         Some(Detail::SessionEnded(s)) => format!("{} ({} operations)", s.reason, s.operations),
         Some(Detail::Operation(op)) => {
@@ -350,13 +410,21 @@ fn timeline_line(e: &AuditEvent) -> String {
                 Decision::NeedsApproval => "APPROVAL",
                 Decision::Unspecified => "-",
             };
-            let text = op.operation.as_ref().map(|o| o.text.as_str()).unwrap_or_default();
+            let text = op
+                .operation
+                .as_ref()
+                .map(|o| o.text.as_str())
+                .unwrap_or_default();
             let mut line = format!("{decision:<8} {}", one_line(text));
             if !op.approval_id.is_empty() {
                 line += &format!("  approval {}", op.approval_id);
             }
             if op.duration_us > 0 || op.rows > 0 {
-                line += &format!("  ({} rows, {:.1} ms)", op.rows, op.duration_us as f64 / 1000.0);
+                line += &format!(
+                    "  ({} rows, {:.1} ms)",
+                    op.rows,
+                    op.duration_us as f64 / 1000.0
+                );
             }
             if !op.error.is_empty() {
                 line += &format!("  error: {}", one_line(&op.error));
@@ -373,7 +441,9 @@ fn timeline_line(e: &AuditEvent) -> String {
             if a.success { "verified" } else { "REFUSED" },
             a.reason
         ),
-        Some(Detail::Approval(a)) => format!("approval {} {} {}", a.approval_id, a.state, a.comment),
+        Some(Detail::Approval(a)) => {
+            format!("approval {} {} {}", a.approval_id, a.state, a.comment)
+        }
         Some(Detail::Grant(g)) => format!("grant {} {} {}", g.grant_id, g.change, g.reason),
         None => format!("{who} {}", e.connection),
     };

@@ -11,7 +11,11 @@ use tonic::transport::{Channel, Endpoint};
 #[derive(Args, Clone)]
 pub struct StoreArgs {
     /// The audit store's gRPC URL.
-    #[arg(long = "store", env = "AGENTGATE_AUDIT_STORE_URL", default_value = "http://127.0.0.1:7403")]
+    #[arg(
+        long = "store",
+        env = "AGENTGATE_AUDIT_STORE_URL",
+        default_value = "http://127.0.0.1:7403"
+    )]
     pub url: String,
     /// CA that signed the store's certificate (with an https:// URL).
     #[arg(long, env = "AGENTGATE_TLS_CA")]
@@ -31,9 +35,17 @@ impl StoreArgs {
             .url
             .parse()
             .ok()
-            .filter(|u: &http::Uri| matches!(u.scheme_str(), Some("http" | "https")) && u.host().is_some())
-            .with_context(|| format!("audit store URL {:?} is not an http:// or https:// URL", self.url))?;
-        let mut endpoint = Endpoint::from(uri.clone()).connect_timeout(std::time::Duration::from_secs(5));
+            .filter(|u: &http::Uri| {
+                matches!(u.scheme_str(), Some("http" | "https")) && u.host().is_some()
+            })
+            .with_context(|| {
+                format!(
+                    "audit store URL {:?} is not an http:// or https:// URL",
+                    self.url
+                )
+            })?;
+        let mut endpoint =
+            Endpoint::from(uri.clone()).connect_timeout(std::time::Duration::from_secs(5));
         if uri.scheme_str() == Some("https") {
             let tls = agentgate_tls::TlsConfig {
                 cert: self.cert.clone(),

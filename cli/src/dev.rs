@@ -10,7 +10,11 @@ pub fn certs(dir: &Path, services: &[String]) -> anyhow::Result<()> {
     let certs = agentgate_tls::generate_dev_certs(dir, &names)?;
     println!(
         "{} development CA: {}",
-        if certs.ca_created { "created" } else { "reused" },
+        if certs.ca_created {
+            "created"
+        } else {
+            "reused"
+        },
         certs.ca_cert.display()
     );
     for s in &certs.services {

@@ -48,7 +48,8 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     create_private_dir(&data_dir)?;
 
     let metrics = agentgate_telemetry::Metrics::new("agentgate");
-    let audit = agentgate_audit_store::start(&config.audit_store, &data_dir, Some(&metrics)).await?;
+    let audit =
+        agentgate_audit_store::start(&config.audit_store, &data_dir, Some(&metrics)).await?;
     let metrics_server = match config.telemetry.metrics_address {
         Some(addr) => Some(
             agentgate_telemetry::serve_metrics(addr, metrics.clone(), std::future::pending())
@@ -61,7 +62,11 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     println!("agentgate is up; data in {}", data_dir.display());
     println!(
         "  audit-store  {}://{}  ({}, signing key {})",
-        if config.audit_store.tls.enabled() { "https" } else { "http" },
+        if config.audit_store.tls.enabled() {
+            "https"
+        } else {
+            "http"
+        },
         audit.addr,
         audit.store.backend(),
         agentgate_audit_chain::key_id(&audit.public_key)

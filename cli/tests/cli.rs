@@ -37,7 +37,11 @@ fn stderr(o: &Output) -> String {
 fn assert_one_line_error(o: &Output, needle: &str) {
     assert!(!o.status.success(), "expected failure, got {}", stdout(o));
     let err = stderr(o);
-    assert_eq!(err.trim_end().lines().count(), 1, "one line expected: {err}");
+    assert_eq!(
+        err.trim_end().lines().count(),
+        1,
+        "one line expected: {err}"
+    );
     assert!(err.starts_with("agentgate: "), "{err}");
     assert!(err.contains(needle), "{needle:?} not in {err}");
 }
@@ -52,7 +56,10 @@ async fn up(dir: &Path) -> Up {
     let config = dir.join("agentgate.toml");
     std::fs::write(
         &config,
-        format!("data_dir = \"{}\"\n[audit_store]\nlisten = \"127.0.0.1:{port}\"\n", dir.join("data").display()),
+        format!(
+            "data_dir = \"{}\"\n[audit_store]\nlisten = \"127.0.0.1:{port}\"\n",
+            dir.join("data").display()
+        ),
     )
     .unwrap();
     let mut child = tokio::process::Command::new(AGENTGATE)
@@ -75,7 +82,11 @@ async fn up(dir: &Path) -> Up {
         }
         seen.push(line);
     }
-    assert!(seen.iter().any(|l| l.contains(&format!("127.0.0.1:{port}"))), "{seen:?}");
+    assert!(
+        seen.iter()
+            .any(|l| l.contains(&format!("127.0.0.1:{port}"))),
+        "{seen:?}"
+    );
     // Keep reading stdout so the process never blocks on a full pipe.
     tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
     Up {
@@ -85,7 +96,9 @@ async fn up(dir: &Path) -> Up {
 }
 
 async fn record_a_session(url: &str, spool: &Path) -> String {
-    let recorder = Recorder::open(RecorderConfig::new(url, spool)).await.unwrap();
+    let recorder = Recorder::open(RecorderConfig::new(url, spool))
+        .await
+        .unwrap();
     let s = recorder.session(SessionContext {
         principal: Some(Principal {
             subject: "agent:deploy-bot".into(),
@@ -141,11 +154,28 @@ async fn up_then_audit_commands_then_ctrl_c() {
     let url = gw.url.clone();
     let session = record_a_session(&url, &dir.path().join("spool.db")).await;
 
-    let sessions = agentgate(&["audit", "sessions", "--store", &url, "--principal", "agent:deploy-bot"]);
+    let sessions = agentgate(&[
+        "audit",
+        "sessions",
+        "--store",
+        &url,
+        "--principal",
+        "agent:deploy-bot",
+    ]);
     assert!(sessions.status.success(), "{}", stderr(&sessions));
     let out = stdout(&sessions);
-    assert!(out.contains(&session) && out.contains("prod-db") && out.contains("10.1.2.3:51515"), "{out}");
-    let none = agentgate(&["audit", "sessions", "--store", &url, "--principal", "agent:nobody"]);
+    assert!(
+        out.contains(&session) && out.contains("prod-db") && out.contains("10.1.2.3:51515"),
+        "{out}"
+    );
+    let none = agentgate(&[
+        "audit",
+        "sessions",
+        "--store",
+        &url,
+        "--principal",
+        "agent:nobody",
+    ]);
     assert_eq!(stdout(&none).trim(), "no sessions");
 
     let events = agentgate(&["audit", "events", &session, "--store", &url]);
@@ -153,34 +183,74 @@ async fn up_then_audit_commands_then_ctrl_c() {
     let timeline = stdout(&events);
     let lines: Vec<&str> = timeline.lines().collect();
     assert_eq!(lines.len(), 3, "{timeline}");
-    assert!(lines[0].contains("session.start") && lines[0].contains("agent:deploy-bot") && lines[0].contains("psql 15"));
-    assert!(lines[1].contains("ALLOW") && lines[1].contains("SELECT email FROM users") && lines[1].contains("3 rows"));
+    assert!(
+        lines[0].contains("session.start")
+            && lines[0].contains("agent:deploy-bot")
+            && lines[0].contains("psql 15")
+    );
+    assert!(
+        lines[1].contains("ALLOW")
+            && lines[1].contains("SELECT email FROM users")
+            && lines[1].contains("3 rows")
+    );
     assert!(lines[2].contains("client closed"));
 
     let online = agentgate(&["audit", "verify", "--store", &url]);
     assert!(online.status.success(), "{}", stderr(&online));
-    assert!(stdout(&online).starts_with("OK: 3 events"), "{}", stdout(&online));
+    assert!(
+        stdout(&online).starts_with("OK: 3 events"),
+        "{}",
+        stdout(&online)
+    );
 
     let bundle = dir.path().join("evidence.ndjson");
-    let export = agentgate(&["audit", "export", "--store", &url, "-o", bundle.to_str().unwrap()]);
+    let export = agentgate(&[
+        "audit",
+        "export",
+        "--store",
+        &url,
+        "-o",
+        bundle.to_str().unwrap(),
+    ]);
     assert!(export.status.success(), "{}", stderr(&export));
-    let header: serde_json::Value =
-        serde_json::from_str(std::fs::read_to_string(&bundle).unwrap().lines().next().unwrap()).unwrap();
+    let header: serde_json::Value = serde_json::from_str(
+        std::fs::read_to_string(&bundle)
+            .unwrap()
+            .lines()
+            .next()
+            .unwrap(),
+    )
+    .unwrap();
     let key = header["header"]["public_key"].as_str().unwrap().to_owned();
 
     // Offline: the store can be gone.
-    let offline = agentgate(&["audit", "verify", bundle.to_str().unwrap(), "--public-key", &key]);
+    let offline = agentgate(&[
+        "audit",
+        "verify",
+        bundle.to_str().unwrap(),
+        "--public-key",
+        &key,
+    ]);
     assert!(offline.status.success(), "{}", stderr(&offline));
     assert!(stdout(&offline).contains("pinned"), "{}", stdout(&offline));
     let wrong_key = "11".repeat(32);
-    let pinned_wrong = agentgate(&["audit", "verify", bundle.to_str().unwrap(), "--public-key", &wrong_key]);
+    let pinned_wrong = agentgate(&[
+        "audit",
+        "verify",
+        bundle.to_str().unwrap(),
+        "--public-key",
+        &wrong_key,
+    ]);
     assert!(!pinned_wrong.status.success());
 
     // An edited bundle fails and names the record.
     let text = std::fs::read_to_string(&bundle).unwrap();
     let tampered = dir.path().join("tampered.ndjson");
     let mut lines: Vec<String> = text.lines().map(str::to_owned).collect();
-    let i = lines.iter().position(|l| l.contains("\"session_sequence\":2")).unwrap();
+    let i = lines
+        .iter()
+        .position(|l| l.contains("\"session_sequence\":2"))
+        .unwrap();
     lines[i] = lines[i].replace("\"session_sequence\":2", "\"session_sequence\":7");
     std::fs::write(&tampered, lines.join("\n")).unwrap();
     let caught = agentgate(&["audit", "verify", tampered.to_str().unwrap()]);
@@ -198,13 +268,24 @@ async fn up_then_audit_commands_then_ctrl_c() {
 
 #[test]
 fn clear_errors_for_wrong_input() {
-    assert_one_line_error(&agentgate(&["audit", "sessions", "--store", "not a url"]), "is not an http");
+    assert_one_line_error(
+        &agentgate(&["audit", "sessions", "--store", "not a url"]),
+        "is not an http",
+    );
     let port = free_port().unwrap();
     assert_one_line_error(
-        &agentgate(&["audit", "sessions", "--store", &format!("http://127.0.0.1:{port}")]),
+        &agentgate(&[
+            "audit",
+            "sessions",
+            "--store",
+            &format!("http://127.0.0.1:{port}"),
+        ]),
         "cannot reach the audit store",
     );
-    assert_one_line_error(&agentgate(&["audit", "verify", "/nonexistent/bundle"]), "/nonexistent/bundle");
+    assert_one_line_error(
+        &agentgate(&["audit", "verify", "/nonexistent/bundle"]),
+        "/nonexistent/bundle",
+    );
 
     let dir = tempfile::tempdir().unwrap();
     let cfg = dir.path().join("bad.toml");
@@ -213,9 +294,19 @@ fn clear_errors_for_wrong_input() {
         &agentgate(&["up", "--config", cfg.to_str().unwrap()]),
         "audit_store.checkpoint_every",
     );
-    std::fs::write(&cfg, "[audit_store]\nlisten = \"127.0.0.1:1\"\ncolour = 3\n").unwrap();
-    assert_one_line_error(&agentgate(&["up", "--config", cfg.to_str().unwrap()]), "colour");
-    assert_one_line_error(&agentgate(&["up", "--config", "/nonexistent/agentgate.toml"]), "/nonexistent/agentgate.toml");
+    std::fs::write(
+        &cfg,
+        "[audit_store]\nlisten = \"127.0.0.1:1\"\ncolour = 3\n",
+    )
+    .unwrap();
+    assert_one_line_error(
+        &agentgate(&["up", "--config", cfg.to_str().unwrap()]),
+        "colour",
+    );
+    assert_one_line_error(
+        &agentgate(&["up", "--config", "/nonexistent/agentgate.toml"]),
+        "/nonexistent/agentgate.toml",
+    );
     let env_bad = Command::new(AGENTGATE)
         .args(["up", "--data-dir", dir.path().to_str().unwrap()])
         .env("AGENTGATE_AUDIT_STORE__LISTEN", "not-an-address")
@@ -245,9 +336,19 @@ fn dev_certs_creates_a_ca_and_service_certificates() {
     let certs = dir.path().join("certs");
     let o = agentgate(&["dev", "certs", "--dir", certs.to_str().unwrap()]);
     assert!(o.status.success(), "{}", stderr(&o));
-    for f in ["ca.pem", "ca-key.pem", "audit-store.pem", "audit-store-key.pem", "agentgate-cli.pem"] {
+    for f in [
+        "ca.pem",
+        "ca-key.pem",
+        "audit-store.pem",
+        "audit-store-key.pem",
+        "agentgate-cli.pem",
+    ] {
         assert!(certs.join(f).exists(), "{f}");
     }
     let again = agentgate(&["dev", "certs", "--dir", certs.to_str().unwrap()]);
-    assert!(stdout(&again).starts_with("reused development CA"), "{}", stdout(&again));
+    assert!(
+        stdout(&again).starts_with("reused development CA"),
+        "{}",
+        stdout(&again)
+    );
 }

@@ -104,7 +104,16 @@ impl Postgres {
         let log = pg.dir.path().join("postgres.log");
         pg.run(
             "pg_ctl",
-            &["-D", path_str(&data)?, "-l", path_str(&log)?, "-w", "-t", "30", "start"],
+            &[
+                "-D",
+                path_str(&data)?,
+                "-l",
+                path_str(&log)?,
+                "-w",
+                "-t",
+                "30",
+                "start",
+            ],
         )
         .with_context(|| format!("starting postgres (log: {})", log.display()))?;
         Ok(pg)
@@ -238,7 +247,9 @@ pub struct AuditStoreFixture {
 impl AuditStoreFixture {
     /// Starts a store on `backend` with checkpoints every `checkpoint_every` events.
     pub async fn start(backend: Backend, checkpoint_every: u64) -> anyhow::Result<Self> {
-        let data_dir = tempfile::Builder::new().prefix("agentgate-audit-").tempdir()?;
+        let data_dir = tempfile::Builder::new()
+            .prefix("agentgate-audit-")
+            .tempdir()?;
         let (postgres, admin_url, database_url) = match backend {
             Backend::Sqlite => (
                 None,
@@ -278,9 +289,15 @@ impl AuditStoreFixture {
     /// A connected gRPC client.
     pub async fn client(
         &self,
-    ) -> anyhow::Result<agentgate_proto::audit::v1::audit_store_client::AuditStoreClient<tonic::transport::Channel>>
-    {
-        Ok(agentgate_proto::audit::v1::audit_store_client::AuditStoreClient::connect(self.endpoint()).await?)
+    ) -> anyhow::Result<
+        agentgate_proto::audit::v1::audit_store_client::AuditStoreClient<tonic::transport::Channel>,
+    > {
+        Ok(
+            agentgate_proto::audit::v1::audit_store_client::AuditStoreClient::connect(
+                self.endpoint(),
+            )
+            .await?,
+        )
     }
 
     /// Stops the server (the database stays), as an outage would.

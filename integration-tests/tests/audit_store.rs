@@ -9,8 +9,8 @@ use agentgate_audit_chain::{BundleError, verify_bundle};
 use agentgate_integration_tests::{AuditStoreFixture, Backend};
 use agentgate_proto::audit::v1::audit_store_client::AuditStoreClient;
 use agentgate_proto::audit::v1::{
-    AuditEvent, CheckpointRequest, ExportRequest, GetSessionEventsRequest, IngestAck, IngestRequest,
-    ListSessionsRequest, PruneRequest, ReplaySessionRequest, VerifyRequest,
+    AuditEvent, CheckpointRequest, ExportRequest, GetSessionEventsRequest, IngestAck,
+    IngestRequest, ListSessionsRequest, PruneRequest, ReplaySessionRequest, VerifyRequest,
 };
 use agentgate_proto::common::v1::{Principal, Protocol, TimeRange};
 use futures::StreamExt as _;
@@ -20,12 +20,23 @@ fn now() -> prost_types::Timestamp {
     agentgate_audit_store::us_timestamp(agentgate_audit_store::store::now_us())
 }
 
-fn event(session: &str, seq: u64, principal: &str, connection: &str, protocol: Protocol) -> AuditEvent {
+fn event(
+    session: &str,
+    seq: u64,
+    principal: &str,
+    connection: &str,
+    protocol: Protocol,
+) -> AuditEvent {
     AuditEvent {
         session_id: session.into(),
         sequence: seq,
         time: Some(now()),
-        kind: if seq == 1 { "session.start" } else { "session.query" }.into(),
+        kind: if seq == 1 {
+            "session.start"
+        } else {
+            "session.query"
+        }
+        .into(),
         principal: Some(Principal {
             subject: principal.into(),
             ..Default::default()
@@ -72,12 +83,18 @@ async fn ingest(
     Ok(out)
 }
 
-async fn verify(client: &mut AuditStoreClient<Channel>) -> agentgate_proto::audit::v1::VerifyResponse {
+async fn verify(
+    client: &mut AuditStoreClient<Channel>,
+) -> agentgate_proto::audit::v1::VerifyResponse {
     client.verify(VerifyRequest {}).await.unwrap().into_inner()
 }
 
 async fn export(client: &mut AuditStoreClient<Channel>) -> Vec<u8> {
-    let mut stream = client.export(ExportRequest::default()).await.unwrap().into_inner();
+    let mut stream = client
+        .export(ExportRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
     let mut bundle = Vec::new();
     while let Some(chunk) = stream.next().await {
         bundle.extend(chunk.unwrap().data);
@@ -113,7 +130,9 @@ async fn tamper(fx: &AuditStoreFixture, sql: &str) {
             .unwrap();
         }
         None => {
-            let mut c = sqlx::SqliteConnection::connect(&fx.database_url).await.unwrap();
+            let mut c = sqlx::SqliteConnection::connect(&fx.database_url)
+                .await
+                .unwrap();
             sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
                 "DROP TRIGGER audit_events_no_update; DROP TRIGGER audit_events_no_delete; {sql}"
             )))
@@ -129,10 +148,14 @@ async fn as_store_role(fx: &AuditStoreFixture, sql: &str) -> Result<(), sqlx::Er
     use sqlx::Connection as _;
     if fx.admin_url.is_some() {
         let mut c = sqlx::PgConnection::connect(&fx.database_url).await?;
-        sqlx::raw_sql(sqlx::AssertSqlSafe(sql.to_owned())).execute(&mut c).await?;
+        sqlx::raw_sql(sqlx::AssertSqlSafe(sql.to_owned()))
+            .execute(&mut c)
+            .await?;
     } else {
         let mut c = sqlx::SqliteConnection::connect(&fx.database_url).await?;
-        sqlx::raw_sql(sqlx::AssertSqlSafe(sql.to_owned())).execute(&mut c).await?;
+        sqlx::raw_sql(sqlx::AssertSqlSafe(sql.to_owned()))
+            .execute(&mut c)
+            .await?;
     }
     Ok(())
 }
@@ -191,17 +214,24 @@ async fn ingest_list_fetch_replay(backend: Backend) {
     assert!(later.is_empty());
 
     let events = c
-        .get_session_events(GetSessionEventsRequest { session_id: a.clone() })
+        .get_session_events(GetSessionEventsRequest {
+            session_id: a.clone(),
+        })
         .await
         .unwrap()
         .into_inner()
         .events;
-    let seqs: Vec<u64> = events.iter().map(|e| e.event.as_ref().unwrap().sequence).collect();
+    let seqs: Vec<u64> = events
+        .iter()
+        .map(|e| e.event.as_ref().unwrap().sequence)
+        .collect();
     assert_eq!(seqs, vec![1, 2, 3, 4, 5]);
     assert!(events.iter().all(|e| e.hash.len() == 32));
 
     let mut replay = c
-        .replay_session(ReplaySessionRequest { session_id: b.clone() })
+        .replay_session(ReplaySessionRequest {
+            session_id: b.clone(),
+        })
         .await
         .unwrap()
         .into_inner();
@@ -213,12 +243,16 @@ async fn ingest_list_fetch_replay(backend: Backend) {
     assert_eq!(n, 3);
 
     let unknown = c
-        .get_session_events(GetSessionEventsRequest { session_id: new_session() })
+        .get_session_events(GetSessionEventsRequest {
+            session_id: new_session(),
+        })
         .await
         .unwrap_err();
     assert_eq!(unknown.code(), tonic::Code::NotFound);
     let bad = c
-        .get_session_events(GetSessionEventsRequest { session_id: "x; DROP".into() })
+        .get_session_events(GetSessionEventsRequest {
+            session_id: "x; DROP".into(),
+        })
         .await
         .unwrap_err();
     assert_eq!(bad.code(), tonic::Code::InvalidArgument);
@@ -249,7 +283,9 @@ async fn gaps_are_reported(backend: Backend) {
     let fx = AuditStoreFixture::start(backend, 1000).await.unwrap();
     let mut c = fx.client().await.unwrap();
     let s = new_session();
-    let acks = ingest(&mut c, vec![session_events(&s, [1, 2, 5, 6, 9])]).await.unwrap();
+    let acks = ingest(&mut c, vec![session_events(&s, [1, 2, 5, 6, 9])])
+        .await
+        .unwrap();
     let gaps: Vec<(u64, u64)> = acks[0].gaps.iter().map(|g| (g.from, g.to)).collect();
     assert_eq!(gaps, vec![(3, 4), (7, 8)]);
     let listed = c
@@ -260,7 +296,9 @@ async fn gaps_are_reported(backend: Backend) {
         .sessions;
     assert_eq!(listed[0].gaps.len(), 2);
     // The late events arrive: the gaps close.
-    let acks = ingest(&mut c, vec![session_events(&s, [3, 4, 7, 8])]).await.unwrap();
+    let acks = ingest(&mut c, vec![session_events(&s, [3, 4, 7, 8])])
+        .await
+        .unwrap();
     assert!(acks[0].gaps.is_empty(), "{:?}", acks[0].gaps);
 }
 
@@ -270,12 +308,48 @@ async fn malformed_events_are_rejected(backend: Backend) {
     let s = new_session();
     let good = session_events(&s, 1..=3);
     let cases: Vec<(AuditEvent, &str)> = vec![
-        (AuditEvent { session_id: "not-a-uuid".into(), ..good[0].clone() }, "UUID"),
-        (AuditEvent { sequence: 0, ..good[0].clone() }, "sequence"),
-        (AuditEvent { time: None, ..good[0].clone() }, "time"),
-        (AuditEvent { kind: "DROP TABLE".into(), ..good[0].clone() }, "kind"),
-        (AuditEvent { protocol: 99, ..good[0].clone() }, "protocol"),
-        (AuditEvent { connection: "x".repeat(10_000), ..good[0].clone() }, "connection"),
+        (
+            AuditEvent {
+                session_id: "not-a-uuid".into(),
+                ..good[0].clone()
+            },
+            "UUID",
+        ),
+        (
+            AuditEvent {
+                sequence: 0,
+                ..good[0].clone()
+            },
+            "sequence",
+        ),
+        (
+            AuditEvent {
+                time: None,
+                ..good[0].clone()
+            },
+            "time",
+        ),
+        (
+            AuditEvent {
+                kind: "DROP TABLE".into(),
+                ..good[0].clone()
+            },
+            "kind",
+        ),
+        (
+            AuditEvent {
+                protocol: 99,
+                ..good[0].clone()
+            },
+            "protocol",
+        ),
+        (
+            AuditEvent {
+                connection: "x".repeat(10_000),
+                ..good[0].clone()
+            },
+            "connection",
+        ),
     ];
     for (bad, what) in cases {
         let mut batch = good.clone();
@@ -283,27 +357,45 @@ async fn malformed_events_are_rejected(backend: Backend) {
         let err = ingest(&mut c, vec![batch]).await.unwrap_err();
         assert_eq!(err.code(), tonic::Code::InvalidArgument, "{what}: {err}");
         assert!(err.message().contains(what), "{what}: {}", err.message());
-        assert_eq!(session_count(&mut c, &s).await, 0, "nothing of the batch is stored");
+        assert_eq!(
+            session_count(&mut c, &s).await,
+            0,
+            "nothing of the batch is stored"
+        );
     }
     // Batches before the bad one on the same stream are stored and acknowledged.
-    let bad = AuditEvent { sequence: 0, ..good[0].clone() };
+    let bad = AuditEvent {
+        sequence: 0,
+        ..good[0].clone()
+    };
     let mut stream = c
         .ingest(tokio_stream::iter(vec![
-            IngestRequest { batch_id: 1, events: good.clone() },
-            IngestRequest { batch_id: 2, events: vec![bad] },
+            IngestRequest {
+                batch_id: 1,
+                events: good.clone(),
+            },
+            IngestRequest {
+                batch_id: 2,
+                events: vec![bad],
+            },
         ]))
         .await
         .unwrap()
         .into_inner();
     assert_eq!(stream.next().await.unwrap().unwrap().stored, 3);
-    assert_eq!(stream.next().await.unwrap().unwrap_err().code(), tonic::Code::InvalidArgument);
+    assert_eq!(
+        stream.next().await.unwrap().unwrap_err().code(),
+        tonic::Code::InvalidArgument
+    );
     assert_eq!(session_count(&mut c, &s).await, 3);
 }
 
 async fn rows_cannot_be_changed_through_the_store_role(backend: Backend) {
     let fx = AuditStoreFixture::start(backend, 1000).await.unwrap();
     let mut c = fx.client().await.unwrap();
-    ingest(&mut c, vec![session_events(&new_session(), 1..=3)]).await.unwrap();
+    ingest(&mut c, vec![session_events(&new_session(), 1..=3)])
+        .await
+        .unwrap();
     c.checkpoint(CheckpointRequest {}).await.unwrap();
     for sql in [
         "UPDATE audit_events SET kind = 'x' WHERE chain_sequence = 2",
@@ -315,7 +407,9 @@ async fn rows_cannot_be_changed_through_the_store_role(backend: Backend) {
         assert!(err.to_string().contains("append-only"), "{sql}: {err}");
     }
     if backend == Backend::Postgres {
-        let err = as_store_role(&fx, "TRUNCATE audit_events").await.expect_err("truncate");
+        let err = as_store_role(&fx, "TRUNCATE audit_events")
+            .await
+            .expect_err("truncate");
         assert!(err.to_string().contains("append-only"), "{err}");
     }
     assert!(verify(&mut c).await.ok);
@@ -324,13 +418,23 @@ async fn rows_cannot_be_changed_through_the_store_role(backend: Backend) {
 async fn altered_row_is_named_by_verify(backend: Backend) {
     let fx = AuditStoreFixture::start(backend, 10).await.unwrap();
     let mut c = fx.client().await.unwrap();
-    ingest(&mut c, vec![session_events(&new_session(), 1..=25)]).await.unwrap();
+    ingest(&mut c, vec![session_events(&new_session(), 1..=25)])
+        .await
+        .unwrap();
     assert!(verify(&mut c).await.ok);
     // The body of record 7 changes, as a tamperer rewriting history would.
-    let mut forged = event(&new_session(), 1, "agent:nobody", "prod-db", Protocol::Postgres);
+    let mut forged = event(
+        &new_session(),
+        1,
+        "agent:nobody",
+        "prod-db",
+        Protocol::Postgres,
+    );
     forged.kind = "session.start".into();
     let sql = match backend {
-        Backend::Postgres => "UPDATE audit_events SET body = body || '\\x00'::bytea WHERE chain_sequence = 7",
+        Backend::Postgres => {
+            "UPDATE audit_events SET body = body || '\\x00'::bytea WHERE chain_sequence = 7"
+        }
         Backend::Sqlite => "UPDATE audit_events SET body = body || x'00' WHERE chain_sequence = 7",
     };
     tamper(&fx, sql).await;
@@ -340,8 +444,14 @@ async fn altered_row_is_named_by_verify(backend: Backend) {
     // A query column changed alone is caught too.
     let fx2 = AuditStoreFixture::start(backend, 10).await.unwrap();
     let mut c2 = fx2.client().await.unwrap();
-    ingest(&mut c2, vec![session_events(&new_session(), 1..=5)]).await.unwrap();
-    tamper(&fx2, "UPDATE audit_events SET principal = 'agent:innocent' WHERE chain_sequence = 4").await;
+    ingest(&mut c2, vec![session_events(&new_session(), 1..=5)])
+        .await
+        .unwrap();
+    tamper(
+        &fx2,
+        "UPDATE audit_events SET principal = 'agent:innocent' WHERE chain_sequence = 4",
+    )
+    .await;
     let v = verify(&mut c2).await;
     assert_eq!(v.first_bad_sequence, 4, "{}", v.error);
     assert!(v.error.contains("principal"), "{}", v.error);
@@ -350,7 +460,9 @@ async fn altered_row_is_named_by_verify(backend: Backend) {
 async fn deleted_row_is_named_by_verify(backend: Backend) {
     let fx = AuditStoreFixture::start(backend, 10).await.unwrap();
     let mut c = fx.client().await.unwrap();
-    ingest(&mut c, vec![session_events(&new_session(), 1..=25)]).await.unwrap();
+    ingest(&mut c, vec![session_events(&new_session(), 1..=25)])
+        .await
+        .unwrap();
     tamper(&fx, "DELETE FROM audit_events WHERE chain_sequence = 13").await;
     let v = verify(&mut c).await;
     assert!(!v.ok);
@@ -359,7 +471,9 @@ async fn deleted_row_is_named_by_verify(backend: Backend) {
     // Removing the newest signed events is caught by the checkpoint that covers them.
     let fx = AuditStoreFixture::start(backend, 10).await.unwrap();
     let mut c = fx.client().await.unwrap();
-    ingest(&mut c, vec![session_events(&new_session(), 1..=20)]).await.unwrap();
+    ingest(&mut c, vec![session_events(&new_session(), 1..=20)])
+        .await
+        .unwrap();
     tamper(&fx, "DELETE FROM audit_events WHERE chain_sequence >= 18").await;
     let v = verify(&mut c).await;
     assert_eq!(v.first_bad_sequence, 18, "{}", v.error);
@@ -369,7 +483,9 @@ async fn exported_bundle_verifies_offline_and_catches_edits(backend: Backend) {
     let fx = AuditStoreFixture::start(backend, 7).await.unwrap();
     let mut c = fx.client().await.unwrap();
     for _ in 0..3 {
-        ingest(&mut c, vec![session_events(&new_session(), 1..=10)]).await.unwrap();
+        ingest(&mut c, vec![session_events(&new_session(), 1..=10)])
+            .await
+            .unwrap();
     }
     let bundle = export(&mut c).await;
     let key = fx.public_key().unwrap();
@@ -403,15 +519,25 @@ async fn retention_keeps_the_chain_verifiable(backend: Backend) {
     let mut c = fx.client().await.unwrap();
     // Checkpoints are signed at group commits: after 10 and 20 events here, not after 25.
     let s = new_session();
-    ingest(&mut c, vec![session_events(&s, 1..=10)]).await.unwrap();
-    ingest(&mut c, vec![session_events(&s, 11..=20)]).await.unwrap();
-    ingest(&mut c, vec![session_events(&s, 21..=25)]).await.unwrap();
+    ingest(&mut c, vec![session_events(&s, 1..=10)])
+        .await
+        .unwrap();
+    ingest(&mut c, vec![session_events(&s, 11..=20)])
+        .await
+        .unwrap();
+    ingest(&mut c, vec![session_events(&s, 21..=25)])
+        .await
+        .unwrap();
     tokio::time::sleep(Duration::from_millis(20)).await;
     let cutoff = now();
     tokio::time::sleep(Duration::from_millis(20)).await;
-    ingest(&mut c, vec![session_events(&new_session(), 1..=5)]).await.unwrap();
+    ingest(&mut c, vec![session_events(&new_session(), 1..=5)])
+        .await
+        .unwrap();
     let pruned = c
-        .prune(PruneRequest { before: Some(cutoff) })
+        .prune(PruneRequest {
+            before: Some(cutoff),
+        })
         .await
         .unwrap()
         .into_inner();
@@ -424,7 +550,9 @@ async fn retention_keeps_the_chain_verifiable(backend: Backend) {
     let report = verify_bundle(bundle.as_slice(), Some(&fx.public_key().unwrap())).unwrap();
     assert_eq!(report.chain.anchored_at, 20);
     // Appending after a prune continues the same chain.
-    ingest(&mut c, vec![session_events(&new_session(), 1..=3)]).await.unwrap();
+    ingest(&mut c, vec![session_events(&new_session(), 1..=3)])
+        .await
+        .unwrap();
     let v = verify(&mut c).await;
     assert!(v.ok, "{}", v.error);
     assert_eq!(v.events_checked, 13);

@@ -33,9 +33,20 @@ async fn start_store(data_dir: &std::path::Path, url: &str, port: u16) -> Store 
     Store { child }
 }
 
-fn record(endpoint: &str, spool: &std::path::Path, sessions: u32, events: u32) -> (Child, Lines<BufReader<ChildStdout>>) {
+fn record(
+    endpoint: &str,
+    spool: &std::path::Path,
+    sessions: u32,
+    events: u32,
+) -> (Child, Lines<BufReader<ChildStdout>>) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_record-events"))
-        .args([endpoint, spool.to_str().unwrap(), &sessions.to_string(), &events.to_string(), "2"])
+        .args([
+            endpoint,
+            spool.to_str().unwrap(),
+            &sessions.to_string(),
+            &events.to_string(),
+            "2",
+        ])
         .stdout(Stdio::piped())
         .kill_on_drop(true)
         .spawn()
@@ -45,7 +56,11 @@ fn record(endpoint: &str, spool: &std::path::Path, sessions: u32, events: u32) -
 }
 
 /// Reads `recorded SESSION SEQ` lines until `n` more were seen.
-async fn read_recorded(lines: &mut Lines<BufReader<ChildStdout>>, n: usize, acked: &mut HashMap<String, u64>) {
+async fn read_recorded(
+    lines: &mut Lines<BufReader<ChildStdout>>,
+    n: usize,
+    acked: &mut HashMap<String, u64>,
+) {
     for _ in 0..n {
         let line = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
             .await
@@ -67,7 +82,10 @@ async fn crash_and_recover(backend: Backend) {
         Backend::Sqlite => None,
     };
     let url = match &pg {
-        Some(pg) => pg.create_owned_database("audit", "agentgate_audit").await.unwrap(),
+        Some(pg) => pg
+            .create_owned_database("audit", "agentgate_audit")
+            .await
+            .unwrap(),
         None => format!("sqlite://{}", dir.path().join("audit.db").display()),
     };
     let port = free_port().unwrap();
@@ -107,12 +125,18 @@ async fn crash_and_recover(backend: Backend) {
             .unwrap()
             .into_inner()
             .events;
-        let seqs: Vec<u64> = events.iter().map(|e| e.event.as_ref().unwrap().sequence).collect();
+        let seqs: Vec<u64> = events
+            .iter()
+            .map(|e| e.event.as_ref().unwrap().sequence)
+            .collect();
         // Exactly once: 1..=n without a hole or a repeat, and n covers every event the
         // client was told was recorded (it may have spooled a few more before the kill).
         let n = seqs.len() as u64;
         assert_eq!(seqs, (1..=n).collect::<Vec<_>>(), "session {session}");
-        assert!(n >= *last_acked, "session {session}: stored {n}, recorded {last_acked}");
+        assert!(
+            n >= *last_acked,
+            "session {session}: stored {n}, recorded {last_acked}"
+        );
     }
     let sessions = c
         .list_sessions(ListSessionsRequest::default())
@@ -120,7 +144,11 @@ async fn crash_and_recover(backend: Backend) {
         .unwrap()
         .into_inner()
         .sessions;
-    assert!(sessions.iter().all(|s| s.gaps.is_empty() && s.events == s.last_sequence));
+    assert!(
+        sessions
+            .iter()
+            .all(|s| s.gaps.is_empty() && s.events == s.last_sequence)
+    );
     let v = c.verify(VerifyRequest {}).await.unwrap().into_inner();
     assert!(v.ok, "{}", v.error);
 }

@@ -20,7 +20,8 @@ async fn main() -> anyhow::Result<()> {
     let [endpoint, spool, sessions, events, delay_ms] = args.as_slice() else {
         anyhow::bail!("usage: record-events ENDPOINT SPOOL SESSIONS EVENTS DELAY_MS");
     };
-    let (sessions, events, delay): (usize, u64, u64) = (sessions.parse()?, events.parse()?, delay_ms.parse()?);
+    let (sessions, events, delay): (usize, u64, u64) =
+        (sessions.parse()?, events.parse()?, delay_ms.parse()?);
     let mut config = RecorderConfig::new(endpoint.clone(), spool);
     config.batch_max = 50;
     config.max_backoff = Duration::from_millis(500);

@@ -7,7 +7,7 @@ use ed25519_dalek::VerifyingKey;
 use prost::Message as _;
 use serde::{Deserialize, Serialize};
 
-use crate::{Anchor, ChainReport, Checkpoint, Record, VerifyFailure, Verifier, hex_serde, key_id};
+use crate::{Anchor, ChainReport, Checkpoint, Record, Verifier, VerifyFailure, hex_serde, key_id};
 
 /// The value of the header's `format` field; a reader refuses any other.
 pub const BUNDLE_FORMAT: &str = "agentgate-audit-bundle/1";
@@ -121,7 +121,11 @@ pub fn verify_bundle(
             BundleLine::Event { record, hash } => {
                 let v = match verifier.as_mut() {
                     Some(v) => v,
-                    None => verifier.insert(Verifier::new(&key, anchor, std::mem::take(&mut checkpoints))?),
+                    None => verifier.insert(Verifier::new(
+                        &key,
+                        anchor,
+                        std::mem::take(&mut checkpoints),
+                    )?),
                 };
                 v.push(&record, &hash)?;
                 check_body(&record)?;
@@ -148,7 +152,9 @@ fn check_body(record: &Record) -> Result<(), VerifyFailure> {
     let event = agentgate_proto::audit::v1::AuditEvent::decode(record.body.as_slice())
         .map_err(|e| fail(format!("body is not an audit event: {e}")))?;
     if event.session_id != record.session_id || event.sequence != record.session_sequence {
-        return Err(fail("body names another session or sequence than its record".into()));
+        return Err(fail(
+            "body names another session or sequence than its record".into(),
+        ));
     }
     Ok(())
 }
@@ -185,7 +191,10 @@ mod tests {
                 body: ev.encode_to_vec(),
             };
             prev = record.hash(&prev);
-            events.push(BundleLine::Event { record, hash: prev.to_vec() });
+            events.push(BundleLine::Event {
+                record,
+                hash: prev.to_vec(),
+            });
         }
         let cp = BundleLine::Checkpoint(Checkpoint::sign(key, n, &prev, 9));
         std::iter::once(header)
@@ -214,7 +223,16 @@ mod tests {
         let mut lines = bundle(&key, 5);
         lines[4] = lines[4].replace("\"stored_at_us\":3", "\"stored_at_us\":4");
         let err = verify_bundle(lines.join("\n").as_bytes(), None).expect_err("tampered");
-        assert!(matches!(err, BundleError::Tampered(VerifyFailure { chain_sequence: 3, .. })), "{err}");
+        assert!(
+            matches!(
+                err,
+                BundleError::Tampered(VerifyFailure {
+                    chain_sequence: 3,
+                    ..
+                })
+            ),
+            "{err}"
+        );
     }
 
     #[test]
@@ -224,7 +242,10 @@ mod tests {
         lines.pop();
         assert!(matches!(
             verify_bundle(lines.join("\n").as_bytes(), None),
-            Err(BundleError::Tampered(VerifyFailure { chain_sequence: 5, .. }))
+            Err(BundleError::Tampered(VerifyFailure {
+                chain_sequence: 5,
+                ..
+            }))
         ));
     }
 

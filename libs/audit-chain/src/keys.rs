@@ -39,10 +39,12 @@ impl SigningKeyFile {
                 let mut seed = [0u8; 32];
                 rand::fill(&mut seed);
                 let key = SigningKey::from_bytes(&seed);
-                let pem = key.to_pkcs8_pem(LineEnding::LF).map_err(|e| KeyError::Format {
-                    path: path.to_owned(),
-                    reason: e.to_string(),
-                })?;
+                let pem = key
+                    .to_pkcs8_pem(LineEnding::LF)
+                    .map_err(|e| KeyError::Format {
+                        path: path.to_owned(),
+                        reason: e.to_string(),
+                    })?;
                 if let Some(dir) = path.parent() {
                     std::fs::create_dir_all(dir).map_err(io)?;
                 }

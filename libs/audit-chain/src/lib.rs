@@ -9,9 +9,11 @@ mod bundle;
 mod keys;
 mod verify;
 
-pub use bundle::{BUNDLE_FORMAT, BundleError, BundleHeader, BundleLine, BundleReport, verify_bundle};
+pub use bundle::{
+    BUNDLE_FORMAT, BundleError, BundleHeader, BundleLine, BundleReport, verify_bundle,
+};
 pub use keys::{KeyError, SigningKeyFile, key_id};
-pub use verify::{Anchor, ChainReport, VerifyFailure, Verifier};
+pub use verify::{Anchor, ChainReport, Verifier, VerifyFailure};
 
 pub use ed25519_dalek::{SigningKey, VerifyingKey};
 
@@ -78,7 +80,12 @@ pub struct Checkpoint {
 
 impl Checkpoint {
     /// Signs the head of the chain at `chain_sequence`.
-    pub fn sign(key: &SigningKey, chain_sequence: u64, head_hash: &Hash, created_at_us: i64) -> Self {
+    pub fn sign(
+        key: &SigningKey,
+        chain_sequence: u64,
+        head_hash: &Hash,
+        created_at_us: i64,
+    ) -> Self {
         let message = Self::message(chain_sequence, head_hash, created_at_us);
         Checkpoint {
             chain_sequence,

@@ -119,7 +119,11 @@ impl Verifier {
                         record.chain_sequence
                     )
                 } else {
-                    format!("out of order: {} follows {}", record.chain_sequence, missing - 1)
+                    format!(
+                        "out of order: {} follows {}",
+                        record.chain_sequence,
+                        missing - 1
+                    )
                 },
             });
         }
@@ -135,8 +139,9 @@ impl Verifier {
             if cp.head_hash != computed {
                 return Err(VerifyFailure {
                     chain_sequence: record.chain_sequence,
-                    reason: "the chain up to here differs from what its signed checkpoint vouches for"
-                        .into(),
+                    reason:
+                        "the chain up to here differs from what its signed checkpoint vouches for"
+                            .into(),
                 });
             }
             self.last_signed = record.chain_sequence;
@@ -195,7 +200,11 @@ mod tests {
         SigningKey::from_bytes(&[7; 32])
     }
 
-    fn run(records: &[(Record, Hash)], cps: Vec<Checkpoint>, anchor: Anchor) -> Result<ChainReport, VerifyFailure> {
+    fn run(
+        records: &[(Record, Hash)],
+        cps: Vec<Checkpoint>,
+        anchor: Anchor,
+    ) -> Result<ChainReport, VerifyFailure> {
         let mut v = Verifier::new(&key().verifying_key(), anchor, cps)?;
         for (r, h) in records {
             v.push(r, h)?;
@@ -240,7 +249,12 @@ mod tests {
         let c = chain(10);
         let mut holed = c.clone();
         holed.remove(3);
-        assert_eq!(run(&holed, vec![], Anchor::GENESIS).expect_err("hole").chain_sequence, 4);
+        assert_eq!(
+            run(&holed, vec![], Anchor::GENESIS)
+                .expect_err("hole")
+                .chain_sequence,
+            4
+        );
         let cp = Checkpoint::sign(&key(), 10, &c[9].1, 1);
         let err = run(&c[..7], vec![cp], Anchor::GENESIS).expect_err("truncated");
         assert_eq!(err.chain_sequence, 8);
@@ -250,7 +264,10 @@ mod tests {
     fn pruned_chain_verifies_from_its_checkpoint() {
         let c = chain(10);
         let cp = Checkpoint::sign(&key(), 4, &c[3].1, 1);
-        let anchor = Anchor { chain_sequence: 4, hash: c[3].1 };
+        let anchor = Anchor {
+            chain_sequence: 4,
+            hash: c[3].1,
+        };
         let report = run(&c[4..], vec![cp], anchor).expect("verifies");
         assert_eq!(report.anchored_at, 4);
         assert_eq!(report.events_checked, 6);
@@ -263,6 +280,11 @@ mod tests {
         let c = chain(3);
         let other = SigningKey::from_bytes(&[9; 32]);
         let cp = Checkpoint::sign(&other, 3, &c[2].1, 1);
-        assert_eq!(run(&c, vec![cp], Anchor::GENESIS).expect_err("bad sig").chain_sequence, 3);
+        assert_eq!(
+            run(&c, vec![cp], Anchor::GENESIS)
+                .expect_err("bad sig")
+                .chain_sequence,
+            3
+        );
     }
 }

@@ -43,7 +43,9 @@ where
         figment = figment.merge(Toml::file_exact(path));
     }
     figment = figment.merge(Env::prefixed(&format!("{env_prefix}_")).split("__"));
-    figment.extract().map_err(|e| ConfigError::Invalid(describe(e)))
+    figment
+        .extract()
+        .map_err(|e| ConfigError::Invalid(describe(e)))
 }
 
 /// Folds figment's error chain into one line: what, which key, and from where.
@@ -90,6 +92,7 @@ mod tests {
     }
 
     #[test]
+    #[allow(clippy::result_large_err)] // figment's Jail API returns its own error type
     fn file_then_environment_override() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("c.toml");

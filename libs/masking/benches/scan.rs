@@ -103,14 +103,23 @@ fn bench(c: &mut Criterion) {
     };
     let size = 4 << 20;
     let clean = no_match_corpus(size);
-    assert!(masker.find(&clean).is_empty(), "the no-match corpus must not match");
+    assert!(
+        masker.find(&clean).is_empty(),
+        "the no-match corpus must not match"
+    );
     let dense = dense_corpus(size);
     let dense_matches = masker.find(&dense).len();
-    eprintln!("dense corpus: {} bytes, {} matches", dense.len(), dense_matches);
+    eprintln!(
+        "dense corpus: {} bytes, {} matches",
+        dense.len(),
+        dense_matches
+    );
 
     let mut g = c.benchmark_group("no_match");
     g.throughput(Throughput::Bytes(clean.len() as u64));
-    g.sample_size(20).warm_up_time(Duration::from_secs(1)).measurement_time(Duration::from_secs(4));
+    g.sample_size(20)
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(4));
     g.bench_function("mask_bytes", |b| {
         b.iter(|| {
             let mut r = MaskReport::new();
@@ -134,7 +143,9 @@ fn bench(c: &mut Criterion) {
 
     let mut g = c.benchmark_group("dense_match");
     g.throughput(Throughput::Bytes(dense.len() as u64));
-    g.sample_size(20).warm_up_time(Duration::from_secs(1)).measurement_time(Duration::from_secs(4));
+    g.sample_size(20)
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(4));
     g.bench_function("mask_bytes", |b| {
         b.iter(|| {
             let mut r = MaskReport::new();

@@ -155,7 +155,8 @@ pub enum DetectorKind {
     /// Stripe secret and restricted keys (`sk_live_`, `rk_live_`, `sk_test_`, `rk_test_`) and
     /// webhook secrets (`whsec_`).
     StripeKey,
-    /// OpenAI API keys (`sk-proj-`, `sk-svcacct-`, `sk-admin-`).
+    /// OpenAI API keys (`sk-proj-`, `sk-svcacct-`, `sk-admin-`, and legacy `sk-` + 48
+    /// letters and digits).
     OpenaiApiKey,
     /// Anthropic API keys (`sk-ant-`).
     AnthropicApiKey,

@@ -73,7 +73,7 @@ impl Hay<'_> {
     }
 
     #[inline(always)]
-    fn is(&self, i: usize, f: impl Fn(u8) -> bool) -> Decide<bool> {
+    pub(crate) fn is(&self, i: usize, f: impl Fn(u8) -> bool) -> Decide<bool> {
         Ok(self.get(i)?.is_some_and(f))
     }
 }
@@ -183,14 +183,10 @@ pub(crate) fn email(h: &Hay, a: usize, lo: usize) -> Decide<Option<Found>> {
         if labels == 1 {
             first_label = (ls, i);
         }
-        if labels >= 2 && (2..=24).contains(&len) && b[ls..i].iter().all(u8::is_ascii_alphabetic)
-        {
+        if labels >= 2 && (2..=24).contains(&len) && b[ls..i].iter().all(u8::is_ascii_alphabetic) {
             end = Some(i);
         }
-        if i - d0 < MAX_DOMAIN
-            && h.get(i)? == Some(b'.')
-            && h.is(i + 1, |c| LABEL[c as usize])?
-        {
+        if i - d0 < MAX_DOMAIN && h.get(i)? == Some(b'.') && h.is(i + 1, |c| LABEL[c as usize])? {
             i += 1;
         } else {
             break;
@@ -214,7 +210,10 @@ pub(crate) fn phone(h: &Hay, a: usize, lo: usize) -> Decide<Option<Found>> {
     match h.prev(a) {
         Some(b'+') => {
             let s = a - 1;
-            if s < lo || h.prev(s).is_some_and(|c| c.is_ascii_alphanumeric() || c == b'+') {
+            if s < lo
+                || h.prev(s)
+                    .is_some_and(|c| c.is_ascii_alphanumeric() || c == b'+')
+            {
                 return Ok(None);
             }
             phone_international(h, s, a)
@@ -226,9 +225,7 @@ pub(crate) fn phone(h: &Hay, a: usize, lo: usize) -> Decide<Option<Found>> {
             }
             phone_nanp(h, s, a, true)
         }
-        Some(c) if c.is_ascii_alphanumeric() || matches!(c, b'.' | b'-' | b'_' | b'/') => {
-            Ok(None)
-        }
+        Some(c) if c.is_ascii_alphanumeric() || matches!(c, b'.' | b'-' | b'_' | b'/') => Ok(None),
         _ => phone_nanp(h, a, a, false),
     }
 }
@@ -275,17 +272,19 @@ fn phone_international(h: &Hay, s: usize, a: usize) -> Decide<Option<Found>> {
 fn phone_nanp(h: &Hay, s: usize, a: usize, mut paren: bool) -> Decide<Option<Found>> {
     let b = h.b;
     let mut i = a;
-    if !paren && b[a] == b'1'
-        && let Some(b' ' | b'-' | b'.') = h.get(a + 1)? {
-            match h.get(a + 2)? {
-                Some(b'(') => {
-                    paren = true;
-                    i = a + 3;
-                }
-                Some(c) if is_digit(c) => i = a + 2,
-                _ => return Ok(None),
+    if !paren
+        && b[a] == b'1'
+        && let Some(b' ' | b'-' | b'.') = h.get(a + 1)?
+    {
+        match h.get(a + 2)? {
+            Some(b'(') => {
+                paren = true;
+                i = a + 3;
             }
+            Some(c) if is_digit(c) => i = a + 2,
+            _ => return Ok(None),
         }
+    }
     let Some(area) = digits(h, i, 3)? else {
         return Ok(None);
     };
@@ -383,7 +382,9 @@ pub(crate) fn us_ssn(h: &Hay, a: usize) -> Decide<Option<Found>> {
 /// Anchor: a digit run at `a`. 12 to 19 digits, one run or groups of 3 to 6 separated by
 /// one kind of separator (space or dash); known issuer prefix and length; Luhn.
 pub(crate) fn payment_card(h: &Hay, a: usize) -> Decide<Option<Found>> {
-    if h.prev(a).is_some_and(|p| p.is_ascii_alphanumeric() || p == b'.' || p == b'_') {
+    if h.prev(a)
+        .is_some_and(|p| p.is_ascii_alphanumeric() || p == b'.' || p == b'_')
+    {
         return Ok(None);
     }
     let mut ds = [0u8; 19];
@@ -439,8 +440,9 @@ fn card_issuer_ok(d: &[u8]) -> bool {
     let visa = d[0] == 4 && matches!(len, 13 | 16 | 19);
     let mastercard = ((51..=55).contains(&p2) || (2221..=2720).contains(&p4)) && len == 16;
     let amex = (p2 == 34 || p2 == 37) && len == 15;
-    let discover = (p4 == 6011 || (644..=649).contains(&p3) || p2 == 65 || (622126..=622925).contains(&p6))
-        && (16..=19).contains(&len);
+    let discover =
+        (p4 == 6011 || (644..=649).contains(&p3) || p2 == 65 || (622126..=622925).contains(&p6))
+            && (16..=19).contains(&len);
     let jcb = (3528..=3589).contains(&p4) && (16..=19).contains(&len);
     let diners = ((300..=305).contains(&p3) || p2 == 36 || p2 == 38 || p2 == 39 || p4 == 3095)
         && (14..=19).contains(&len);
@@ -479,13 +481,11 @@ fn iban_len(cc: [u8; 2]) -> Option<usize> {
         b"CH" | b"HR" | b"LI" | b"LV" => 21,
         b"BG" | b"BH" | b"CR" | b"DE" | b"GB" | b"GE" | b"IE" | b"ME" | b"RS" | b"VA" => 22,
         b"AE" | b"GI" | b"IL" | b"IQ" | b"OM" | b"SO" | b"TL" => 23,
-        b"AD" | b"CZ" | b"ES" | b"MD" | b"PK" | b"RO" | b"SA" | b"SE" | b"SK" | b"TN"
-        | b"VG" => 24,
+        b"AD" | b"CZ" | b"ES" | b"MD" | b"PK" | b"RO" | b"SA" | b"SE" | b"SK" | b"TN" | b"VG" => 24,
         b"LY" | b"PT" | b"ST" => 25,
         b"IS" | b"TR" => 26,
         b"BI" | b"DJ" | b"FR" | b"GR" | b"IT" | b"MC" | b"MR" | b"SM" => 27,
-        b"AL" | b"AZ" | b"BY" | b"CY" | b"DO" | b"GT" | b"HU" | b"LB" | b"NI" | b"PL"
-        | b"SV" => 28,
+        b"AL" | b"AZ" | b"BY" | b"CY" | b"DO" | b"GT" | b"HU" | b"LB" | b"NI" | b"PL" | b"SV" => 28,
         b"BR" | b"EG" | b"PS" | b"QA" | b"UA" => 29,
         b"JO" | b"KW" | b"MU" | b"YE" => 30,
         b"MT" | b"SC" => 31,
@@ -504,7 +504,8 @@ pub(crate) fn iban(h: &Hay, a: usize, lo: usize) -> Decide<Option<Found>> {
     }
     let s = a - 2;
     let cc = [b[s], b[s + 1]];
-    if !cc.iter().all(u8::is_ascii_uppercase) || h.prev(s).is_some_and(|c| c.is_ascii_alphanumeric())
+    if !cc.iter().all(u8::is_ascii_uppercase)
+        || h.prev(s).is_some_and(|c| c.is_ascii_alphanumeric())
     {
         return Ok(None);
     }
@@ -560,7 +561,9 @@ pub(crate) fn iban_checksum_ok(chars: &[u8]) -> bool {
 /// Anchor: a digit run at `a`. Four decimal octets 0..=255 without leading zeros, not part of
 /// a longer dotted number (`1.2.3.4.5`) or word.
 pub(crate) fn ipv4(h: &Hay, a: usize) -> Decide<Option<Found>> {
-    if h.prev(a).is_some_and(|p| p.is_ascii_alphanumeric() || p == b'.' || p == b'_') {
+    if h.prev(a)
+        .is_some_and(|p| p.is_ascii_alphanumeric() || p == b'.' || p == b'_')
+    {
         return Ok(None);
     }
     let b = h.b;
@@ -607,7 +610,9 @@ pub(crate) fn ipv6(h: &Hay, a: usize, lo: usize) -> Decide<Option<Found>> {
     while s > lower && HEX[b[s - 1] as usize] {
         s -= 1;
     }
-    if h.prev(s).is_some_and(|p| p.is_ascii_alphanumeric() || matches!(p, b':' | b'.' | b'_')) {
+    if h.prev(s)
+        .is_some_and(|p| p.is_ascii_alphanumeric() || matches!(p, b':' | b'.' | b'_'))
+    {
         return Ok(None);
     }
     let mut e = a;
@@ -628,6 +633,11 @@ pub(crate) fn ipv6(h: &Hay, a: usize, lo: usize) -> Decide<Option<Found>> {
         e -= 1;
     }
     let cand = &b[s..e];
+    let colons = cand.iter().filter(|c| **c == b':').count();
+    let compressed = cand.windows(2).any(|w| w == b"::");
+    if !(compressed || colons == 7 || (colons == 6 && cand.contains(&b'.'))) {
+        return Ok(None); // times (12:34:56), MAC addresses, `key:value`
+    }
     if !cand.iter().any(|c| is_digit(*c)) {
         return Ok(None);
     }
@@ -635,7 +645,10 @@ pub(crate) fn ipv6(h: &Hay, a: usize, lo: usize) -> Decide<Option<Found>> {
     if groups < 2 {
         return Ok(None);
     }
-    let ok = std::str::from_utf8(cand).ok().and_then(|t| t.parse::<Ipv6Addr>().ok()).is_some();
+    let ok = std::str::from_utf8(cand)
+        .ok()
+        .and_then(|t| t.parse::<Ipv6Addr>().ok())
+        .is_some();
     if !ok {
         return Ok(None);
     }
@@ -683,7 +696,12 @@ pub(crate) fn url_credentials(h: &Hay, a: usize) -> Decide<Option<Found>> {
 #[derive(Debug, Clone, Copy)]
 pub(crate) enum LitAction {
     /// prefix + body of `class` with `min..=max` characters.
-    Token { kind: DetectorKind, class: &'static [bool; 256], min: usize, max: usize },
+    Token {
+        kind: DetectorKind,
+        class: &'static [bool; 256],
+        min: usize,
+        max: usize,
+    },
     /// A key name (`aws_secret_access_key`) followed by an assignment and the secret;
     /// only the secret is the match.
     Named {
@@ -723,13 +741,27 @@ const fn tok(
     min: usize,
     max: usize,
 ) -> Lit {
-    Lit { pattern, action: LitAction::Token { kind, class, min, max } }
+    Lit {
+        pattern,
+        action: LitAction::Token {
+            kind,
+            class,
+            min,
+            max,
+        },
+    }
 }
 
 const fn named(pattern: &'static str, kind: DetectorKind, min: usize, max: usize, a: bool) -> Lit {
     Lit {
         pattern,
-        action: LitAction::Named { kind, class: &B64, min, max, needs_assign: a },
+        action: LitAction::Named {
+            kind,
+            class: &B64,
+            min,
+            max,
+            needs_assign: a,
+        },
     }
 }
 
@@ -766,7 +798,13 @@ pub(crate) const LITS: &[Lit] = &[
     tok("xoxs-", K::SlackToken, &SLACK, 10, 255),
     tok("xoxe-", K::SlackToken, &SLACK, 10, 255),
     tok("xapp-", K::SlackToken, &SLACK, 10, 255),
-    tok("hooks.slack.com/services/", K::SlackToken, &SLACK_HOOK, 20, 128),
+    tok(
+        "hooks.slack.com/services/",
+        K::SlackToken,
+        &SLACK_HOOK,
+        20,
+        128,
+    ),
     tok("AIza", K::GoogleApiKey, &B64URL, 35, 35),
     tok("sk_live_", K::StripeKey, &ALNUM, 16, 255),
     tok("rk_live_", K::StripeKey, &ALNUM, 16, 255),
@@ -777,20 +815,37 @@ pub(crate) const LITS: &[Lit] = &[
     tok("sk-svcacct-", K::OpenaiApiKey, &B64URL, 20, 255),
     tok("sk-admin-", K::OpenaiApiKey, &B64URL, 20, 255),
     tok("sk-ant-", K::AnthropicApiKey, &B64URL, 20, 255),
+    // legacy OpenAI keys: "sk-" and 48 letters and digits (after the longer prefixes, which
+    // win at the same position)
+    tok("sk-", K::OpenaiApiKey, &ALNUM, 48, 48),
     tok("npm_", K::NpmToken, &ALNUM, 36, 36),
     tok("pypi-AgEIcHlwaS5vcmc", K::PypiToken, &B64URL, 50, TOKEN_MAX),
     tok("hf_", K::HuggingfaceToken, &ALNUM, 30, 40),
-    Lit { pattern: "SG.", action: LitAction::SendGrid },
+    Lit {
+        pattern: "SG.",
+        action: LitAction::SendGrid,
+    },
     named("AccountKey=", K::AzureStorageKey, 86, 88, false),
-    Lit { pattern: "eyJ", action: LitAction::Jwt },
-    Lit { pattern: "-----BEGIN ", action: LitAction::PrivateKey },
+    Lit {
+        pattern: "eyJ",
+        action: LitAction::Jwt,
+    },
+    Lit {
+        pattern: "-----BEGIN ",
+        action: LitAction::PrivateKey,
+    },
 ];
 
 /// Confirms the literal `lit` found at `a`.
 pub(crate) fn literal(h: &Hay, a: usize, lit: &Lit) -> Decide<Option<Found>> {
     let plen = lit.pattern.len();
     match lit.action {
-        LitAction::Token { kind, class, min, max } => {
+        LitAction::Token {
+            kind,
+            class,
+            min,
+            max,
+        } => {
             if h.prev(a).is_some_and(|c| c.is_ascii_alphanumeric()) {
                 return Ok(None);
             }
@@ -803,7 +858,13 @@ pub(crate) fn literal(h: &Hay, a: usize, lit: &Lit) -> Decide<Option<Found>> {
             }
             found(kind, a, e)
         }
-        LitAction::Named { kind, class, min, max, needs_assign } => {
+        LitAction::Named {
+            kind,
+            class,
+            min,
+            max,
+            needs_assign,
+        } => {
             if h.prev(a).is_some_and(|c| c.is_ascii_alphanumeric()) {
                 return Ok(None);
             }

@@ -51,40 +51,42 @@ impl Masker {
                 let item_kind = &kind[..kind.len() - 4];
                 for (key, v) in obj.iter_mut() {
                     if key == "items"
-                        && let Value::Array(items) = v {
-                            for item in items {
-                                if item.get("kind").is_some() {
-                                    self.kube_dispatch(item, report);
-                                } else {
-                                    self.walk(item, &mut Vec::new(), Ctx::Kube(item_kind), report);
-                                }
+                        && let Value::Array(items) = v
+                    {
+                        for item in items {
+                            if item.get("kind").is_some() {
+                                self.kube_dispatch(item, report);
+                            } else {
+                                self.walk(item, &mut Vec::new(), Ctx::Kube(item_kind), report);
                             }
-                            continue;
                         }
+                        continue;
+                    }
                     self.walk(v, &mut vec![key.clone()], Ctx::Kube(&kind), report);
                 }
             }
             Some(kind) if kind == "Table" => {
                 for (key, v) in obj.iter_mut() {
                     if key == "rows"
-                        && let Value::Array(rows) = v {
-                            for row in rows {
-                                match row.as_object_mut() {
-                                    Some(r) => {
-                                        for (rk, rv) in r.iter_mut() {
-                                            if rk == "object" {
-                                                self.kube_dispatch(rv, report);
-                                            } else {
-                                                let mut p = vec![rk.clone()];
-                                                self.walk(rv, &mut p, Ctx::Kube(""), report);
-                                            }
+                        && let Value::Array(rows) = v
+                    {
+                        for row in rows {
+                            match row.as_object_mut() {
+                                Some(r) => {
+                                    for (rk, rv) in r.iter_mut() {
+                                        if rk == "object" {
+                                            self.kube_dispatch(rv, report);
+                                        } else {
+                                            let mut p = vec![rk.clone()];
+                                            self.walk(rv, &mut p, Ctx::Kube(""), report);
                                         }
                                     }
-                                    None => self.walk(row, &mut Vec::new(), Ctx::Kube(""), report),
                                 }
+                                None => self.walk(row, &mut Vec::new(), Ctx::Kube(""), report),
                             }
-                            continue;
                         }
+                        continue;
+                    }
                     self.walk(v, &mut vec![key.clone()], Ctx::Kube("Table"), report);
                 }
             }
@@ -104,7 +106,12 @@ impl Masker {
 
     fn rule_at(&self, ctx: Ctx, path: &[String]) -> Option<usize> {
         match ctx {
-            Ctx::Json => self.inner.json.iter().find(|(sel, _)| sel.matches(path)).map(|(_, r)| *r),
+            Ctx::Json => self
+                .inner
+                .json
+                .iter()
+                .find(|(sel, _)| sel.matches(path))
+                .map(|(_, r)| *r),
             Ctx::Kube(kind) => self
                 .inner
                 .kube
@@ -139,16 +146,17 @@ impl Masker {
             Value::String(s) => {
                 if let Ctx::Kube(_) = ctx
                     && path.len() == 3
-                        && path[0] == "metadata"
-                        && path[1] == "annotations"
-                        && path[2] == LAST_APPLIED
-                        && let Ok(mut copy) = serde_json::from_str::<Value>(s) {
-                            self.kube_dispatch(&mut copy, report);
-                            if let Ok(text) = serde_json::to_string(&copy) {
-                                *s = text;
-                                return;
-                            }
-                        }
+                    && path[0] == "metadata"
+                    && path[1] == "annotations"
+                    && path[2] == LAST_APPLIED
+                    && let Ok(mut copy) = serde_json::from_str::<Value>(s)
+                {
+                    self.kube_dispatch(&mut copy, report);
+                    if let Ok(text) = serde_json::to_string(&copy) {
+                        *s = text;
+                        return;
+                    }
+                }
                 if let Cow::Owned(o) = self.mask_bytes(s.as_bytes(), report) {
                     *s = into_string(o);
                 }

@@ -68,7 +68,9 @@ pub const MIN_HASH_KEY_LEN: usize = 16;
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ConfigError {
     /// A rule has no name; names key the audit report.
-    #[error("masking rule #{index} has an empty name; every rule needs a name for the audit report")]
+    #[error(
+        "masking rule #{index} has an empty name; every rule needs a name for the audit report"
+    )]
     EmptyName {
         /// Position of the rule in the list, from 0.
         index: usize,
@@ -94,7 +96,9 @@ pub enum ConfigError {
         rule: String,
     },
     /// The hash key is too short to resist guessing.
-    #[error("the masking hash key is {len} bytes; use at least {MIN_HASH_KEY_LEN} random bytes (32 recommended)")]
+    #[error(
+        "the masking hash key is {len} bytes; use at least {MIN_HASH_KEY_LEN} random bytes (32 recommended)"
+    )]
     WeakHashKey {
         /// The length given.
         len: usize,
@@ -103,7 +107,10 @@ pub enum ConfigError {
 
 impl ConfigError {
     pub(crate) fn selector(rule: &str, reason: &str) -> ConfigError {
-        ConfigError::Selector { rule: rule.to_owned(), reason: reason.to_owned() }
+        ConfigError::Selector {
+            rule: rule.to_owned(),
+            reason: reason.to_owned(),
+        }
     }
 }
 
@@ -207,7 +214,9 @@ impl Masker {
                 return Err(ConfigError::DuplicateName(name.to_owned()));
             }
             if rc.strategy == Strategy::Hash && hash_key.is_none() {
-                return Err(ConfigError::MissingHashKey { rule: name.to_owned() });
+                return Err(ConfigError::MissingHashKey {
+                    rule: name.to_owned(),
+                });
             }
             let id = rules.len();
             match &rc.selector {
@@ -220,10 +229,15 @@ impl Masker {
                     detector_rule[k.index()].get_or_insert(id);
                 }
             }
-            rules.push(Rule { name: name.to_owned(), strategy: rc.strategy });
+            rules.push(Rule {
+                name: name.to_owned(),
+                strategy: rc.strategy,
+            });
         }
-        let kinds: Vec<DetectorKind> =
-            DetectorKind::ALL.into_iter().filter(|k| detector_rule[k.index()].is_some()).collect();
+        let kinds: Vec<DetectorKind> = DetectorKind::ALL
+            .into_iter()
+            .filter(|k| detector_rule[k.index()].is_some())
+            .collect();
         let hasher = match &hash_key {
             Some(k) => Some(Hasher::new(&k.0).ok_or(ConfigError::WeakHashKey { len: k.0.len() })?),
             None => None,
@@ -265,12 +279,20 @@ impl Masker {
         }
         let mut out: Option<Vec<u8>> = None;
         let mut last = 0;
-        scanner.scan(Hay { b: input, eof: true }, 0, 0, &mut |m| {
-            let o = out.get_or_insert_with(|| Vec::with_capacity(input.len() + 32));
-            o.extend_from_slice(&input[last..m.start]);
-            self.render_found(m, &input[m.start..m.end], o, report);
-            last = m.end;
-        });
+        scanner.scan(
+            Hay {
+                b: input,
+                eof: true,
+            },
+            0,
+            0,
+            &mut |m| {
+                let o = out.get_or_insert_with(|| Vec::with_capacity(input.len() + 32));
+                o.extend_from_slice(&input[last..m.start]);
+                self.render_found(m, &input[m.start..m.end], o, report);
+                last = m.end;
+            },
+        );
         match out {
             None => Cow::Borrowed(input),
             Some(mut o) => {
@@ -287,7 +309,10 @@ impl Masker {
             .scanner
             .find_all(input)
             .into_iter()
-            .map(|f| Finding { detector: f.kind, range: f.start..f.end })
+            .map(|f| Finding {
+                detector: f.kind,
+                range: f.start..f.end,
+            })
             .collect()
     }
 
@@ -355,7 +380,13 @@ impl Masker {
         let inner = &self.inner;
         match inner.detector_rule[m.kind.index()].and_then(|r| inner.rules.get(r)) {
             Some(rule) => {
-                render(rule.strategy, Some(m.kind), value, inner.hasher.as_ref(), out);
+                render(
+                    rule.strategy,
+                    Some(m.kind),
+                    value,
+                    inner.hasher.as_ref(),
+                    out,
+                );
                 report.add(&rule.name, 1);
             }
             // The scanner only runs detectors that have a rule; fail closed regardless.
@@ -384,13 +415,15 @@ impl Masker {
             if !t.is_empty() {
                 let found = inner.formats.find_all(t);
                 if let [f] = found.as_slice()
-                    && f.start == 0 && f.end == t.len() {
-                        let lead = value.len() - value.trim_ascii_start().len();
-                        out.extend_from_slice(&value[..lead]);
-                        render(Strategy::Partial, Some(f.kind), t, None, out);
-                        out.extend_from_slice(&value[lead + t.len()..]);
-                        return;
-                    }
+                    && f.start == 0
+                    && f.end == t.len()
+                {
+                    let lead = value.len() - value.trim_ascii_start().len();
+                    out.extend_from_slice(&value[..lead]);
+                    render(Strategy::Partial, Some(f.kind), t, None, out);
+                    out.extend_from_slice(&value[lead + t.len()..]);
+                    return;
+                }
             }
         }
         render(rule.strategy, None, value, inner.hasher.as_ref(), out);

@@ -22,7 +22,9 @@ pub(crate) struct Hasher {
 
 impl Hasher {
     pub(crate) fn new(key: &[u8]) -> Option<Hasher> {
-        Hmac::<Sha256>::new_from_slice(key).ok().map(|mac| Hasher { mac })
+        Hmac::<Sha256>::new_from_slice(key)
+            .ok()
+            .map(|mac| Hasher { mac })
     }
 
     /// `[HMAC:` + the first 8 bytes of HMAC-SHA256(value) in hex + `]`. 64 bits keep
@@ -103,7 +105,10 @@ fn partial(kind: DetectorKind, v: &[u8], out: &mut Vec<u8>) {
             out.extend_from_slice(b"*.*");
         }
         K::Ipv6 => {
-            if let Some(ip) = std::str::from_utf8(v).ok().and_then(|t| t.parse::<Ipv6Addr>().ok()) {
+            if let Some(ip) = std::str::from_utf8(v)
+                .ok()
+                .and_then(|t| t.parse::<Ipv6Addr>().ok())
+            {
                 let s = ip.segments();
                 out.extend_from_slice(format!("{:x}:{:x}:", s[0], s[1]).as_bytes());
             }
@@ -118,7 +123,11 @@ fn partial(kind: DetectorKind, v: &[u8], out: &mut Vec<u8>) {
         K::PrivateKey => {
             let begin_end = find(v, b"-----", 11).map_or(0, |i| i + 5);
             out.extend_from_slice(&v[..begin_end]);
-            let nl: &[u8] = if find(v, b"\\n", 0).is_some() { b"\\n" } else { b"\n" };
+            let nl: &[u8] = if find(v, b"\\n", 0).is_some() {
+                b"\\n"
+            } else {
+                b"\n"
+            };
             out.extend_from_slice(nl);
             stars(out);
             if let Some(e) = find(v, b"-----END ", begin_end) {
@@ -147,7 +156,10 @@ fn find(hay: &[u8], needle: &[u8], from: usize) -> Option<usize> {
     if from > hay.len() {
         return None;
     }
-    hay[from..].windows(needle.len()).position(|w| w == needle).map(|i| i + from)
+    hay[from..]
+        .windows(needle.len())
+        .position(|w| w == needle)
+        .map(|i| i + from)
 }
 
 /// Replaces every byte for which `is_secret` holds with `*`, except the last `keep` of them.

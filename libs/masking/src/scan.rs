@@ -42,6 +42,8 @@ pub(crate) struct Scanner {
     lits: Vec<Lit>,
     /// Longest literal anchor: a stream prefix defers anchors this close to its end.
     max_lit: usize,
+    /// Some detector anchored on digits is on.
+    digits_on: bool,
     any: bool,
 }
 
@@ -84,7 +86,15 @@ impl Scanner {
                 .ok()
         };
         let max_lit = lits.iter().map(|l| l.pattern.len()).max().unwrap_or(1);
-        Scanner { enabled, class, ac, lits, max_lit, any: !kinds.is_empty() }
+        Scanner {
+            enabled,
+            class,
+            ac,
+            lits,
+            max_lit,
+            digits_on: class[b'0' as usize] == DIGIT,
+            any: !kinds.is_empty(),
+        }
     }
 
     /// True if at least one detector is on.
@@ -109,9 +119,17 @@ impl Scanner {
         let b = hay.b;
         let len = b.len();
         // Anchors too close to the end of a stream prefix wait: a literal may be cut.
-        let limit = if hay.eof { len } else { len.saturating_sub(self.max_lit.saturating_sub(1)) };
+        let limit = if hay.eof {
+            len
+        } else {
+            len.saturating_sub(self.max_lit.saturating_sub(1))
+        };
         if !self.any {
-            return ScanEnd { resume: limit.max(pos), pending: false, lo };
+            return ScanEnd {
+                resume: limit.max(pos),
+                pending: false,
+                lo,
+            };
         }
         let mut class_next: Option<usize> = None; // cached next single-byte anchor >= pos
         let mut lit_next: Option<(usize, usize)> = None; // cached next literal >= pos
@@ -121,7 +139,7 @@ impl Scanner {
                 break;
             }
             if class_next.is_none_or(|c| c < pos) {
-                class_next = self.next_class_anchor(b, pos, limit);
+                class_next = self.next_class_anchor(hay, pos, limit);
             }
             if !lit_done && lit_next.is_none_or(|(p, _)| p < pos) {
                 lit_next = self.next_literal(b, pos, limit);
@@ -129,7 +147,11 @@ impl Scanner {
                     lit_done = true;
                 }
             }
-            let lit_pos = if lit_done { None } else { lit_next.map(|(p, _)| p) };
+            let lit_pos = if lit_done {
+                None
+            } else {
+                lit_next.map(|(p, _)| p)
+            };
             let (a, decision) = match (class_next, lit_pos) {
                 (None, None) => break,
                 (Some(c), l) if l.is_none_or(|l| c < l) => (c, self.at_class(hay, c, lo)),
@@ -140,7 +162,13 @@ impl Scanner {
                 (Some(c), None) => (c, self.at_class(hay, c, lo)),
             };
             match decision {
-                Err(NeedMore) => return ScanEnd { resume: a, pending: true, lo },
+                Err(NeedMore) => {
+                    return ScanEnd {
+                        resume: a,
+                        pending: true,
+                        lo,
+                    };
+                }
                 Ok(Some(m)) => {
                     debug_assert!(m.start >= lo && m.end > m.start);
                     sink(m);
@@ -150,31 +178,141 @@ impl Scanner {
                 Ok(None) => pos = a + 1,
             }
         }
-        ScanEnd { resume: pos.max(limit), pending: false, lo }
+        ScanEnd {
+            resume: pos.max(limit),
+            pending: false,
+            lo,
+        }
     }
 
-    /// The next single-byte anchor in `pos..limit`: a digit that starts a digit run, `@`, `:`.
+    /// The next single-byte anchor in `pos..limit` worth confirming: `@`, `:`, or a digit
+    /// that starts a digit run not glued to a word or decimal point (unless two capitals
+    /// before it may start an IBAN). Eight bytes at a time, with branch-free byte masks; the
+    /// candidates of a word are then put through the cheap shape tests
+    /// ([`Self::digit_shape`], …), so that the numbers, times and `key: value` colons that fill
+    /// logs are dropped here, before any detector runs.
     #[inline]
-    fn next_class_anchor(&self, b: &[u8], mut pos: usize, limit: usize) -> Option<usize> {
-        while pos < limit {
-            let off = b[pos..limit].iter().position(|&c| self.class[c as usize] != 0)?;
-            let i = pos + off;
-            if self.class[b[i] as usize] == DIGIT && i > 0 {
-                let p = b[i - 1];
-                if p.is_ascii_digit() {
-                    // inside a digit run: skip to its end
-                    let run = b[i..limit].iter().position(|c| !c.is_ascii_digit());
-                    pos = i + run?;
-                    continue;
+    fn next_class_anchor(&self, hay: Hay, pos: usize, limit: usize) -> Option<usize> {
+        let b = hay.b;
+        let mut i = pos;
+        while i + 8 <= limit {
+            let mut w = [0u8; 8];
+            w.copy_from_slice(&b[i..i + 8]);
+            let x = u64::from_le_bytes(w);
+            let p1 = if i >= 1 { b[i - 1] } else { 0 };
+            let p2 = if i >= 2 { b[i - 2] } else { 0 };
+            let mut m = self.anchor_mask(x, p1, p2);
+            while m != 0 {
+                let k = i + (m.trailing_zeros() / 8) as usize;
+                if self.worth(hay, k) {
+                    return Some(k);
                 }
-                if glued(p) && !self.iban_possible(b, i) {
-                    pos = i + 1;
-                    continue;
-                }
+                m &= m - 1;
             }
-            return Some(i);
+            i += 8;
+        }
+        while i < limit {
+            if self.is_anchor(b, i) && self.worth(hay, i) {
+                return Some(i);
+            }
+            i += 1;
         }
         None
+    }
+
+    /// High bit of byte k set iff byte k of `x` is `@`, `:` or a digit that starts a digit
+    /// run; `p1` is the byte before `x` (0 at the start of the input).
+    #[inline(always)]
+    fn anchor_mask(&self, x: u64, p1: u8, _p2: u8) -> u64 {
+        let mut m = 0;
+        if self.digits_on {
+            let digit = between(x, b'0' - 1, b'9' + 1);
+            let prev_digit = (digit << 8) | if p1.is_ascii_digit() { 0x80 } else { 0 };
+            m |= digit & !prev_digit;
+        }
+        if self.class[b'@' as usize] != 0 {
+            m |= eq(x, b'@');
+        }
+        if self.class[b':' as usize] != 0 {
+            m |= eq(x, b':');
+        }
+        m
+    }
+
+    /// Byte-at-a-time version of [`Self::anchor_mask`], for the last few bytes.
+    #[inline]
+    fn is_anchor(&self, b: &[u8], i: usize) -> bool {
+        match self.class[b[i] as usize] {
+            0 => false,
+            DIGIT => i == 0 || !b[i - 1].is_ascii_digit(),
+            _ => true,
+        }
+    }
+
+    /// Could a detector match at this anchor? `false` only when none can; `true` also when
+    /// the answer depends on bytes not received yet (the detectors will then ask for them).
+    #[inline]
+    fn worth(&self, h: Hay, a: usize) -> bool {
+        match self.class[h.b[a] as usize] {
+            DIGIT => {
+                self.iban_possible(h.b, a)
+                    || (!h.prev(a).is_some_and(glued) && self.digit_shape(&h, a).unwrap_or(true))
+            }
+            AT => at_shape(&h, a).unwrap_or(true),
+            COLON => self.colon_shape(&h, a).unwrap_or(true),
+            _ => false,
+        }
+    }
+
+    /// Can a card, SSN, phone number or IPv4 address start with the digit run at `a`? Most
+    /// numbers in text (counts, sizes, dates, times) are rejected by their shape.
+    #[inline]
+    fn digit_shape(&self, h: &Hay, a: usize) -> Decide<bool> {
+        let b = h.b;
+        let prev = h.prev(a);
+        if prev.is_some_and(glued) {
+            // every detector but IBAN refuses a number glued to a word or a decimal point
+            return Ok(false);
+        }
+        if matches!(prev, Some(b'+' | b'(')) {
+            return Ok(true);
+        }
+        let mut e = a;
+        while e - a < 12 {
+            match h.get(e)? {
+                Some(c) if c.is_ascii_digit() => e += 1,
+                _ => break,
+            }
+        }
+        let l = e - a;
+        if l >= 12 {
+            return Ok(true);
+        }
+        let d = |i: usize| h.is(i, |c| c.is_ascii_digit());
+        Ok(match h.get(e)? {
+            Some(c @ (b' ' | b'-')) => {
+                // SSN: 3 digits, 2 digits, the same separator; card group, NANP: 3+ digits;
+                // NANP with country code: "1 415…", "1 (415)…"
+                (l == 3 && d(e + 1)? && d(e + 2)? && h.get(e + 3)? == Some(c))
+                    || ((3..=6).contains(&l) && d(e + 1)? && d(e + 2)? && d(e + 3)?)
+                    || (l == 1 && b[a] == b'1' && (d(e + 1)? || h.get(e + 1)? == Some(b'(')))
+            }
+            // IPv4 octet, NANP with dots
+            Some(b'.') => l <= 3 && d(e + 1)?,
+            _ => false,
+        })
+    }
+
+    /// `scheme://` (URL credentials) or a colon next to a hex digit or colon (IPv6).
+    #[inline]
+    fn colon_shape(&self, h: &Hay, a: usize) -> Decide<bool> {
+        let next = h.get(a + 1)?;
+        if next == Some(b'/') {
+            return Ok(self.on(DetectorKind::UrlCredentials));
+        }
+        Ok(self.on(DetectorKind::Ipv6)
+            && (h.prev(a).is_some_and(|c| c.is_ascii_hexdigit())
+                || next.is_some_and(|c| c.is_ascii_hexdigit() || c == b':')))
     }
 
     fn next_literal(&self, b: &[u8], pos: usize, limit: usize) -> Option<(usize, usize)> {
@@ -193,34 +331,12 @@ impl Scanner {
     }
 
     fn at_digit(&self, h: Hay, a: usize, lo: usize) -> Decide<Option<Found>> {
-        let b = h.b;
-        if self.iban_possible(b, a)
+        if self.iban_possible(h.b, a)
             && let Some(m) = detect::iban(&h, a, lo)?
         {
             return Ok(Some(m));
         }
-        let prev = h.prev(a);
-        if prev.is_some_and(glued) {
-            // every other digit detector refuses a number glued to a word or a decimal point
-            return Ok(None);
-        }
-        // The shape of the run decides which detectors can match at all; most numbers in
-        // text (counts, dates, times, sizes) are rejected here without running any.
-        let mut e = a;
-        while e - a < 20 {
-            match h.get(e)? {
-                Some(c) if c.is_ascii_digit() => e += 1,
-                _ => break,
-            }
-        }
-        let l = e - a;
-        let next = h.get(e)?;
-        let maybe = matches!(prev, Some(b'+' | b'('))
-            || l >= 12
-            || (matches!(next, Some(b' ' | b'-'))
-                && ((3..=6).contains(&l) || (l == 1 && b[a] == b'1')))
-            || (next == Some(b'.') && l <= 3);
-        if !maybe {
+        if !self.digit_shape(&h, a)? {
             return Ok(None);
         }
         if self.on(DetectorKind::PaymentCard)
@@ -271,9 +387,47 @@ impl Scanner {
     /// All matches in a complete input.
     pub(crate) fn find_all(&self, input: &[u8]) -> Vec<Found> {
         let mut out = Vec::new();
-        self.scan(Hay { b: input, eof: true }, 0, 0, &mut |m| out.push(m));
+        self.scan(
+            Hay {
+                b: input,
+                eof: true,
+            },
+            0,
+            0,
+            &mut |m| out.push(m),
+        );
         out
     }
+}
+
+const ONES: u64 = 0x0101_0101_0101_0101;
+const LOW7: u64 = ONES * 127;
+const HIGHS: u64 = 0x8080_8080_8080_8080;
+
+/// High bit of each byte of `x` that lies strictly between `lo` and `hi` (`hi <= 128`).
+/// Exact per byte: no carry or borrow crosses a byte, and bytes >= 0x80 never count
+/// ("hasbetween" from Bit Twiddling Hacks).
+#[inline(always)]
+fn between(x: u64, lo: u8, hi: u8) -> u64 {
+    let lo7 = x & LOW7;
+    (ONES * (127 + u64::from(hi))).wrapping_sub(lo7)
+        & !x
+        & (lo7 + ONES * (127 - u64::from(lo)))
+        & HIGHS
+}
+
+/// High bit of each byte of `x` equal to `v` (`v < 128`), exact per byte.
+#[inline(always)]
+fn eq(x: u64, v: u8) -> u64 {
+    let y = x ^ (ONES * u64::from(v));
+    !(((y & LOW7) + LOW7) | y) & HIGHS
+}
+
+/// An email needs a local-part character before the `@` and a domain character after it.
+#[inline]
+fn at_shape(h: &Hay, a: usize) -> Decide<bool> {
+    Ok(h.prev(a).is_some_and(|c| detect::LOCAL[c as usize])
+        && h.is(a + 1, |c| c.is_ascii_alphanumeric())?)
 }
 
 /// A byte that glues a following digit run to something else (a word, a decimal number).

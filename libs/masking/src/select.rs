@@ -22,7 +22,10 @@ pub(crate) struct PathSel {
 impl PathSel {
     pub(crate) fn parse(rule: &str, path: &str) -> Result<PathSel, ConfigError> {
         let p = path.trim();
-        let p = p.strip_prefix("$.").or_else(|| p.strip_prefix('$')).unwrap_or(p);
+        let p = p
+            .strip_prefix("$.")
+            .or_else(|| p.strip_prefix('$'))
+            .unwrap_or(p);
         if p.is_empty() {
             return Err(ConfigError::selector(rule, "empty JSON path"));
         }
@@ -88,7 +91,9 @@ impl ColumnSel {
             ));
         }
         let seg = |p: &str| (p != "*").then(|| p.to_owned());
-        Ok(ColumnSel { parts: [seg(parts[0]), seg(parts[1]), seg(parts[2])] })
+        Ok(ColumnSel {
+            parts: [seg(parts[0]), seg(parts[1]), seg(parts[2])],
+        })
     }
 
     pub(crate) fn matches(&self, schema: &str, table: &str, column: &str) -> bool {
@@ -116,7 +121,10 @@ impl HeaderSel {
         if name.is_empty() && !prefix {
             return Err(ConfigError::selector(rule, "empty header name"));
         }
-        Ok(HeaderSel { name: name.to_ascii_lowercase(), prefix })
+        Ok(HeaderSel {
+            name: name.to_ascii_lowercase(),
+            prefix,
+        })
     }
 
     pub(crate) fn matches(&self, header: &str) -> bool {
@@ -145,7 +153,10 @@ impl KubeSel {
             ));
         };
         if kind.is_empty() {
-            return Err(ConfigError::selector(rule, "empty Kubernetes kind (use * for any)"));
+            return Err(ConfigError::selector(
+                rule,
+                "empty Kubernetes kind (use * for any)",
+            ));
         }
         Ok(KubeSel {
             kind: (kind != "*").then(|| kind.to_owned()),
@@ -154,7 +165,9 @@ impl KubeSel {
     }
 
     pub(crate) fn kind_matches(&self, kind: &str) -> bool {
-        self.kind.as_ref().is_none_or(|k| k.eq_ignore_ascii_case(kind))
+        self.kind
+            .as_ref()
+            .is_none_or(|k| k.eq_ignore_ascii_case(kind))
     }
 }
 

@@ -52,7 +52,14 @@ pub struct StreamMasker {
 
 impl StreamMasker {
     pub(crate) fn new(masker: Masker) -> StreamMasker {
-        StreamMasker { masker, buf: Vec::new(), written: 0, resume: 0, lo: 0, retry_len: 0 }
+        StreamMasker {
+            masker,
+            buf: Vec::new(),
+            written: 0,
+            resume: 0,
+            lo: 0,
+            retry_len: 0,
+        }
     }
 
     /// Feeds the next chunk; appends to `out` every byte that can be decided now, masked.
@@ -91,16 +98,14 @@ impl StreamMasker {
         let masker = &self.masker;
         let buf = &self.buf;
         let mut written = self.written;
-        let end = masker.inner.scanner.scan(
-            Hay { b: buf, eof },
-            self.resume,
-            self.lo,
-            &mut |m| {
+        let end = masker
+            .inner
+            .scanner
+            .scan(Hay { b: buf, eof }, self.resume, self.lo, &mut |m| {
                 out.extend_from_slice(&buf[written..m.start]);
                 masker.render_found(m, &buf[m.start..m.end], out, report);
                 written = m.end;
-            },
-        );
+            });
         let len = buf.len();
         if eof {
             out.extend_from_slice(&buf[written..]);
@@ -118,7 +123,9 @@ impl StreamMasker {
                 // Retry when the candidate's window has doubled (or is complete), so a
                 // candidate fed one byte at a time is rescanned O(log n) times, not n.
                 let a = end.resume;
-                (a + 2 * (len - a).max(32)).min(a + MAX_MATCH_LEN + 2).max(len + 1)
+                (a + 2 * (len - a).max(32))
+                    .min(a + MAX_MATCH_LEN + 2)
+                    .max(len + 1)
             } else {
                 0
             };

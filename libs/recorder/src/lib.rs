@@ -95,7 +95,9 @@ impl Recorder {
             .connect_timeout(Duration::from_secs(5))
             .tcp_nodelay(true);
         if let Some(tls) = config.tls.clone() {
-            endpoint = endpoint.tls_config(tls).map_err(|e| endpoint_err(e.to_string()))?;
+            endpoint = endpoint
+                .tls_config(tls)
+                .map_err(|e| endpoint_err(e.to_string()))?;
         }
         let spool = Spool::open(&config.spool_path).await?;
         let shipper = shipper::spawn(spool.clone(), endpoint, config);

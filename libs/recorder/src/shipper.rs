@@ -13,6 +13,8 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::Code;
 use tonic::transport::Endpoint;
 
+use agentgate_telemetry::TraceContextInterceptor;
+
 use crate::{RecorderConfig, Spool};
 
 /// Wakes the shipper when something new is spooled.
@@ -60,9 +62,18 @@ async fn run(spool: Spool, endpoint: Endpoint, config: RecorderConfig, notify: A
 
 /// One connection's worth of shipping. Returns an error when the stream breaks; whatever was
 /// in flight and unacknowledged is still spooled and is resent on the next connection.
-async fn ship(spool: &Spool, endpoint: &Endpoint, config: &RecorderConfig, notify: &Notify) -> Result<(), String> {
-    let channel = endpoint.connect().await.map_err(|e| format!("connect: {e}"))?;
-    let mut client = AuditStoreClient::new(channel)
+async fn ship(
+    spool: &Spool,
+    endpoint: &Endpoint,
+    config: &RecorderConfig,
+    notify: &Notify,
+) -> Result<(), String> {
+    let channel = endpoint
+        .connect()
+        .await
+        .map_err(|e| format!("connect: {e}"))?;
+    // Trace context rides along, so a proxy's span and the store's span join up.
+    let mut client = AuditStoreClient::with_interceptor(channel, TraceContextInterceptor)
         .max_encoding_message_size(64 << 20)
         .max_decoding_message_size(64 << 20);
     let (requests, rx) = mpsc::channel(config.in_flight.max(1));
@@ -81,7 +92,8 @@ async fn ship(spool: &Spool, endpoint: &Endpoint, config: &RecorderConfig, notif
                 .read_after(sent_through, config.batch_max)
                 .await
                 .map_err(|e| e.to_string())?;
-            let (Some(first), Some(last)) = (rows.first().map(|r| r.0), rows.last().map(|r| r.0)) else {
+            let (Some(first), Some(last)) = (rows.first().map(|r| r.0), rows.last().map(|r| r.0))
+            else {
                 break;
             };
             let mut events = Vec::with_capacity(rows.len());

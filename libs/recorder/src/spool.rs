@@ -5,7 +5,9 @@
 use std::path::Path;
 use std::str::FromStr;
 
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
+};
 use std::sync::Arc;
 
 use tokio::sync::{mpsc, oneshot, watch};
@@ -81,12 +83,21 @@ impl Spool {
     /// Appends one encoded event; returns once it is committed to disk.
     pub async fn append(&self, body: Vec<u8>) -> Result<(), RecorderError> {
         let (tx, rx) = oneshot::channel();
-        self.writes.send((body, tx)).await.map_err(|_| RecorderError::Closed)?;
-        rx.await.map_err(|_| RecorderError::Closed)?.map_err(|e| self.error(e))
+        self.writes
+            .send((body, tx))
+            .await
+            .map_err(|_| RecorderError::Closed)?;
+        rx.await
+            .map_err(|_| RecorderError::Closed)?
+            .map_err(|e| self.error(e))
     }
 
     /// Up to `limit` spooled events after `after`, oldest first.
-    pub async fn read_after(&self, after: i64, limit: usize) -> Result<Vec<(i64, Vec<u8>)>, RecorderError> {
+    pub async fn read_after(
+        &self,
+        after: i64,
+        limit: usize,
+    ) -> Result<Vec<(i64, Vec<u8>)>, RecorderError> {
         sqlx::query_as("SELECT id, body FROM spool WHERE id > ?1 ORDER BY id LIMIT ?2")
             .bind(after)
             .bind(limit as i64)
@@ -109,7 +120,12 @@ impl Spool {
 
     /// Moves events the store refused as malformed aside, so they neither block the spool
     /// nor vanish: they stay in `spool_rejected` for an operator to inspect.
-    pub async fn reject_through(&self, from: i64, to: i64, reason: &str) -> Result<(), RecorderError> {
+    pub async fn reject_through(
+        &self,
+        from: i64,
+        to: i64,
+        reason: &str,
+    ) -> Result<(), RecorderError> {
         let mut tx = self.pool.begin().await.map_err(|e| self.error(e))?;
         sqlx::query(
             "INSERT OR REPLACE INTO spool_rejected (id, body, reason) SELECT id, body, ?3 FROM spool \
@@ -158,7 +174,11 @@ impl Spool {
     }
 }
 
-async fn write_loop(pool: SqlitePool, mut rx: mpsc::Receiver<(Vec<u8>, Reply)>, backlog: Arc<watch::Sender<u64>>) {
+async fn write_loop(
+    pool: SqlitePool,
+    mut rx: mpsc::Receiver<(Vec<u8>, Reply)>,
+    backlog: Arc<watch::Sender<u64>>,
+) {
     while let Some(first) = rx.recv().await {
         let mut group = vec![first];
         while group.len() < GROUP_MAX {
@@ -204,10 +224,16 @@ mod tests {
         }
         let spool = Spool::open(&path).await.expect("reopen");
         let rows = spool.read_after(0, 10).await.expect("read");
-        assert_eq!(rows.iter().map(|r| r.1[0]).collect::<Vec<_>>(), vec![0, 1, 2, 3, 4]);
+        assert_eq!(
+            rows.iter().map(|r| r.1[0]).collect::<Vec<_>>(),
+            vec![0, 1, 2, 3, 4]
+        );
         spool.acknowledge_through(rows[2].0).await.expect("ack");
         assert_eq!(spool.len(), 2);
-        spool.reject_through(rows[3].0, rows[3].0, "bad").await.expect("reject");
+        spool
+            .reject_through(rows[3].0, rows[3].0, "bad")
+            .await
+            .expect("reject");
         assert_eq!(spool.len(), 1);
         assert_eq!(spool.rejected().await.expect("rejected"), 1);
     }

@@ -23,7 +23,10 @@ pub enum WalkError {
 }
 
 /// Where the retained chain starts: the origin, or the checkpoint retention stopped at.
-pub async fn retained_anchor(store: &Store, checkpoints: &[Checkpoint]) -> Result<Anchor, WalkError> {
+pub async fn retained_anchor(
+    store: &Store,
+    checkpoints: &[Checkpoint],
+) -> Result<Anchor, WalkError> {
     let first = match store.first_sequence().await? {
         Some(first) => first as u64,
         // Nothing retained: the chain so far ends at the newest checkpoint.
@@ -154,7 +157,13 @@ pub async fn export(
         after = last.chain_sequence;
         for row in rows {
             let hash = row.hash.clone();
-            push_line(&mut buf, &BundleLine::Event { record: row.record(), hash });
+            push_line(
+                &mut buf,
+                &BundleLine::Event {
+                    record: row.record(),
+                    hash,
+                },
+            );
             if buf.len() >= 1 << 16 && out.send(std::mem::take(&mut buf)).await.is_err() {
                 return Ok(()); // the client went away
             }

@@ -113,7 +113,8 @@ pub async fn start(
         .await
         .with_context(|| format!("audit store: cannot listen on {}", config.listen))?;
     let addr = listener.local_addr()?;
-    let mut builder = tonic::transport::Server::builder().trace_fn(agentgate_telemetry::server_span);
+    let mut builder =
+        tonic::transport::Server::builder().trace_fn(agentgate_telemetry::server_span);
     if let Some(tls) = agentgate_tls::grpc_server_tls(&config.tls)? {
         builder = builder.tls_config(tls).context("audit store TLS")?;
     }
@@ -140,14 +141,19 @@ pub async fn start(
 
 /// Prunes what is older than `retention`, every tenth of it (at most hourly).
 async fn retention_loop(store: Store, retention: std::time::Duration) {
-    let period = (retention / 10).clamp(std::time::Duration::from_secs(1), std::time::Duration::from_secs(3600));
+    let period = (retention / 10).clamp(
+        std::time::Duration::from_secs(1),
+        std::time::Duration::from_secs(3600),
+    );
     let mut ticker = tokio::time::interval(period);
     loop {
         ticker.tick().await;
         let before = store::now_us() - retention.as_micros() as i64;
         match evidence::prune(&store, before).await {
             Ok((0, _)) => {}
-            Ok((removed, anchored_at)) => tracing::info!(removed, anchored_at, "retention pruned events"),
+            Ok((removed, anchored_at)) => {
+                tracing::info!(removed, anchored_at, "retention pruned events")
+            }
             Err(e) => tracing::error!(error = %e, "retention prune failed"),
         }
     }
@@ -167,7 +173,9 @@ pub fn redact_url(url: &str) -> String {
 
 /// Microseconds since the Unix epoch of a protobuf timestamp.
 pub fn timestamp_us(t: &prost_types::Timestamp) -> i64 {
-    t.seconds.saturating_mul(1_000_000).saturating_add(i64::from(t.nanos) / 1000)
+    t.seconds
+        .saturating_mul(1_000_000)
+        .saturating_add(i64::from(t.nanos) / 1000)
 }
 
 /// A protobuf timestamp from microseconds since the Unix epoch.
@@ -184,7 +192,10 @@ mod tests {
 
     #[test]
     fn url_password_is_hidden() {
-        assert_eq!(redact_url("postgres://u:secret@h:5/db"), "postgres://u:***@h:5/db");
+        assert_eq!(
+            redact_url("postgres://u:secret@h:5/db"),
+            "postgres://u:***@h:5/db"
+        );
         assert_eq!(redact_url("sqlite:///x/y.db"), "sqlite:///x/y.db");
     }
 

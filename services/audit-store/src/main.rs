@@ -34,9 +34,12 @@ async fn run() -> anyhow::Result<()> {
     };
     let config: FileConfig = agentgate_config::load(config_path.as_deref(), "AGENTGATE")?;
     let _telemetry = agentgate_telemetry::init("audit-store", &config.telemetry)?;
-    let data_dir = config.data_dir.unwrap_or_else(|| PathBuf::from("/var/lib/agentgate"));
+    let data_dir = config
+        .data_dir
+        .unwrap_or_else(|| PathBuf::from("/var/lib/agentgate"));
     let metrics = agentgate_telemetry::Metrics::new("audit-store");
-    let mut running = agentgate_audit_store::start(&config.audit_store, &data_dir, Some(&metrics)).await?;
+    let mut running =
+        agentgate_audit_store::start(&config.audit_store, &data_dir, Some(&metrics)).await?;
     if let Some(addr) = config.telemetry.metrics_address {
         agentgate_telemetry::serve_metrics(addr, metrics, shutdown_signal())
             .await
@@ -52,10 +55,11 @@ async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(s) => s,
-            Err(_) => return ctrl_c.await.unwrap_or_default(),
-        };
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => return ctrl_c.await.unwrap_or_default(),
+            };
         tokio::select! {
             _ = ctrl_c => {}
             _ = term.recv() => {}

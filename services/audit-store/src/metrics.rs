@@ -34,11 +34,31 @@ impl StoreMetrics {
     /// Registers every metric under the `audit_store` prefix.
     pub fn register(&self, registry: &mut Registry) {
         let r = registry.sub_registry_with_prefix("audit_store");
-        r.register("events_stored", "Events appended to the chain", self.events_stored.clone());
-        r.register("events_duplicate", "Resent events already stored", self.events_duplicate.clone());
-        r.register("batches_rejected", "Ingest batches refused as malformed", self.batches_rejected.clone());
-        r.register("append_failures", "Group commits that failed", self.append_failures.clone());
-        r.register("commit_seconds", "Time to commit one group of batches", self.commit_seconds.clone());
+        r.register(
+            "events_stored",
+            "Events appended to the chain",
+            self.events_stored.clone(),
+        );
+        r.register(
+            "events_duplicate",
+            "Resent events already stored",
+            self.events_duplicate.clone(),
+        );
+        r.register(
+            "batches_rejected",
+            "Ingest batches refused as malformed",
+            self.batches_rejected.clone(),
+        );
+        r.register(
+            "append_failures",
+            "Group commits that failed",
+            self.append_failures.clone(),
+        );
+        r.register(
+            "commit_seconds",
+            "Time to commit one group of batches",
+            self.commit_seconds.clone(),
+        );
     }
 
     pub(crate) fn record_append(&self, outcomes: &[AppendOutcome], took: Duration) {

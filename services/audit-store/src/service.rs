@@ -59,13 +59,22 @@ fn walk_status(e: WalkError) -> Status {
 /// from a misbehaving or hostile recorder.
 pub fn validate(event: AuditEvent) -> Result<NewEvent, String> {
     if uuid::Uuid::parse_str(&event.session_id).is_err() {
-        return Err(format!("session_id {:?} is not a UUID", truncate(&event.session_id)));
+        return Err(format!(
+            "session_id {:?} is not a UUID",
+            truncate(&event.session_id)
+        ));
     }
     if event.sequence == 0 || event.sequence > i64::MAX as u64 {
-        return Err(format!("sequence {} is out of range (1..2^63)", event.sequence));
+        return Err(format!(
+            "sequence {} is out of range (1..2^63)",
+            event.sequence
+        ));
     }
     let time = event.time.as_ref().ok_or("time is missing")?;
-    if time.seconds < 946_684_800 || time.seconds > 32_503_680_000 || !(0..1_000_000_000).contains(&time.nanos) {
+    if time.seconds < 946_684_800
+        || time.seconds > 32_503_680_000
+        || !(0..1_000_000_000).contains(&time.nanos)
+    {
         return Err("time is outside 2000..3000 or malformed".into());
     }
     let kind_ok = !event.kind.is_empty()
@@ -75,12 +84,19 @@ pub fn validate(event: AuditEvent) -> Result<NewEvent, String> {
             .bytes()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'.' || b == b'_');
     if !kind_ok {
-        return Err(format!("kind {:?} must be 1-64 of [a-z0-9._]", truncate(&event.kind)));
+        return Err(format!(
+            "kind {:?} must be 1-64 of [a-z0-9._]",
+            truncate(&event.kind)
+        ));
     }
     if Protocol::try_from(event.protocol).is_err() {
         return Err(format!("protocol {} is unknown", event.protocol));
     }
-    let principal = event.principal.as_ref().map(|p| p.subject.clone()).unwrap_or_default();
+    let principal = event
+        .principal
+        .as_ref()
+        .map(|p| p.subject.clone())
+        .unwrap_or_default();
     for (name, value, max) in [
         ("principal.subject", principal.as_str(), 256),
         ("connection", event.connection.as_str(), 256),
@@ -93,7 +109,10 @@ pub fn validate(event: AuditEvent) -> Result<NewEvent, String> {
     }
     let body = event.encode_to_vec();
     if body.len() > MAX_EVENT_BYTES {
-        return Err(format!("event is {} bytes, more than {MAX_EVENT_BYTES}", body.len()));
+        return Err(format!(
+            "event is {} bytes, more than {MAX_EVENT_BYTES}",
+            body.len()
+        ));
     }
     Ok(NewEvent {
         occurred_at_us: timestamp_us(time),
@@ -137,9 +156,9 @@ fn stored_event(row: StoredRow) -> StoredEvent {
 }
 
 fn session_id_arg(id: &str) -> Result<(), Status> {
-    uuid::Uuid::parse_str(id)
-        .map(|_| ())
-        .map_err(|_| Status::invalid_argument(format!("session_id {:?} is not a UUID", truncate(id))))
+    uuid::Uuid::parse_str(id).map(|_| ()).map_err(|_| {
+        Status::invalid_argument(format!("session_id {:?} is not a UUID", truncate(id)))
+    })
 }
 
 #[tonic::async_trait]
@@ -201,8 +220,16 @@ impl AuditStoreApi for AuditStoreService {
             principal: nonempty(r.principal),
             connection: nonempty(r.connection),
             protocol: (r.protocol != 0).then_some(r.protocol),
-            from_us: r.time.as_ref().and_then(|t| t.start.as_ref()).map(timestamp_us),
-            to_us: r.time.as_ref().and_then(|t| t.end.as_ref()).map(timestamp_us),
+            from_us: r
+                .time
+                .as_ref()
+                .and_then(|t| t.start.as_ref())
+                .map(timestamp_us),
+            to_us: r
+                .time
+                .as_ref()
+                .and_then(|t| t.end.as_ref())
+                .map(timestamp_us),
             limit: match r.limit {
                 0 => 100,
                 n => n.min(1000) as i64,
@@ -212,7 +239,10 @@ impl AuditStoreApi for AuditStoreService {
         let mut sessions = Vec::with_capacity(rows.len());
         for row in rows {
             let gaps = if row.events < row.last_sequence {
-                self.store.session_gaps(&row.session_id).await.map_err(db_status)?
+                self.store
+                    .session_gaps(&row.session_id)
+                    .await
+                    .map_err(db_status)?
             } else {
                 Vec::new()
             };
@@ -263,7 +293,11 @@ impl AuditStoreApi for AuditStoreService {
     ) -> Result<Response<Self::ReplaySessionStream>, Status> {
         let id = request.into_inner().session_id;
         session_id_arg(&id)?;
-        let first = self.store.session_events(&id, 0, 1000).await.map_err(db_status)?;
+        let first = self
+            .store
+            .session_events(&id, 0, 1000)
+            .await
+            .map_err(db_status)?;
         if first.is_empty() {
             return Err(Status::not_found(format!("no events for session {id}")));
         }
@@ -272,7 +306,9 @@ impl AuditStoreApi for AuditStoreService {
         tokio::spawn(async move {
             let mut page = first;
             loop {
-                let Some(last) = page.last().map(|r| r.session_sequence) else { return };
+                let Some(last) = page.last().map(|r| r.session_sequence) else {
+                    return;
+                };
                 for row in page {
                     if tx.send(Ok(stored_event(row))).await.is_err() {
                         return;
@@ -312,7 +348,10 @@ impl AuditStoreApi for AuditStoreService {
         Ok(Response::new(response))
     }
 
-    async fn checkpoint(&self, _: Request<CheckpointRequest>) -> Result<Response<SignedCheckpoint>, Status> {
+    async fn checkpoint(
+        &self,
+        _: Request<CheckpointRequest>,
+    ) -> Result<Response<SignedCheckpoint>, Status> {
         self.writer.checkpoint().await?;
         let cp = self
             .store
@@ -320,7 +359,9 @@ impl AuditStoreApi for AuditStoreService {
             .await
             .map_err(db_status)?
             .pop()
-            .ok_or_else(|| Status::failed_precondition("the chain is empty: nothing to sign yet"))?;
+            .ok_or_else(|| {
+                Status::failed_precondition("the chain is empty: nothing to sign yet")
+            })?;
         Ok(Response::new(SignedCheckpoint {
             chain_sequence: cp.chain_sequence,
             head_hash: cp.head_hash,
@@ -330,10 +371,21 @@ impl AuditStoreApi for AuditStoreService {
         }))
     }
 
-    async fn export(&self, request: Request<ExportRequest>) -> Result<Response<Self::ExportStream>, Status> {
+    async fn export(
+        &self,
+        request: Request<ExportRequest>,
+    ) -> Result<Response<Self::ExportStream>, Status> {
         let r = request.into_inner();
-        let from = r.time.as_ref().and_then(|t| t.start.as_ref()).map(timestamp_us);
-        let to = r.time.as_ref().and_then(|t| t.end.as_ref()).map(timestamp_us);
+        let from = r
+            .time
+            .as_ref()
+            .and_then(|t| t.start.as_ref())
+            .map(timestamp_us);
+        let to = r
+            .time
+            .as_ref()
+            .and_then(|t| t.end.as_ref())
+            .map(timestamp_us);
         // Sign the head first, so the bundle is vouched for to its last event.
         self.writer.checkpoint().await?;
         let (bytes_tx, mut bytes_rx) = mpsc::channel::<Vec<u8>>(8);
@@ -356,7 +408,10 @@ impl AuditStoreApi for AuditStoreService {
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
-    async fn prune(&self, request: Request<PruneRequest>) -> Result<Response<PruneResponse>, Status> {
+    async fn prune(
+        &self,
+        request: Request<PruneRequest>,
+    ) -> Result<Response<PruneResponse>, Status> {
         let before = request
             .into_inner()
             .before

@@ -17,7 +17,10 @@ use crate::store::{AppendOutcome, NewEvent, Store};
 const MAX_GROUP_EVENTS: usize = 20_000;
 
 enum Job {
-    Append(Vec<NewEvent>, oneshot::Sender<Result<AppendOutcome, Status>>),
+    Append(
+        Vec<NewEvent>,
+        oneshot::Sender<Result<AppendOutcome, Status>>,
+    ),
     Checkpoint(oneshot::Sender<Result<Option<Checkpoint>, Status>>),
 }
 
@@ -42,7 +45,10 @@ impl Writer {
     }
 
     /// Queues a batch; the receiver resolves once it is committed.
-    pub async fn append(&self, events: Vec<NewEvent>) -> Result<oneshot::Receiver<Result<AppendOutcome, Status>>, Status> {
+    pub async fn append(
+        &self,
+        events: Vec<NewEvent>,
+    ) -> Result<oneshot::Receiver<Result<AppendOutcome, Status>>, Status> {
         let (tx, rx) = oneshot::channel();
         self.tx
             .send(Job::Append(events, tx))
@@ -115,7 +121,9 @@ async fn run(
                     tracing::error!(error = %e, events = count, "append failed");
                     metrics.append_failures.inc();
                     for reply in replies {
-                        let _ = reply.send(Err(Status::unavailable(format!("audit store database: {e}"))));
+                        let _ = reply.send(Err(Status::unavailable(format!(
+                            "audit store database: {e}"
+                        ))));
                     }
                 }
             }

@@ -174,7 +174,12 @@ impl Store {
     }
 
     /// Events with chain sequence in (after, until], in chain order, at most `limit`.
-    pub async fn page(&self, after: i64, until: i64, limit: i64) -> Result<Vec<StoredRow>, StoreError> {
+    pub async fn page(
+        &self,
+        after: i64,
+        until: i64,
+        limit: i64,
+    ) -> Result<Vec<StoredRow>, StoreError> {
         dispatch!(self, s => s.page(after, until, limit).await)
     }
 
@@ -197,7 +202,10 @@ impl Store {
         dispatch!(self, s => s.session_events(session_id, after, limit).await)
     }
 
-    pub async fn list_sessions(&self, filter: &SessionFilter) -> Result<Vec<SessionRow>, StoreError> {
+    pub async fn list_sessions(
+        &self,
+        filter: &SessionFilter,
+    ) -> Result<Vec<SessionRow>, StoreError> {
         dispatch!(self, s => s.list_sessions(filter).await)
     }
 

@@ -180,9 +180,15 @@ mod tests {
     #[test]
     fn duplicates_within_and_across_batches_are_skipped() {
         let existing = HashSet::from([("a".to_string(), 1)]);
-        let head = Head { chain_sequence: 7, hash: GENESIS };
+        let head = Head {
+            chain_sequence: 7,
+            hash: GENESIS,
+        };
         let plan = Plan::new(
-            vec![vec![ev("a", 1), ev("a", 2), ev("a", 2)], vec![ev("a", 2), ev("b", 1)]],
+            vec![
+                vec![ev("a", 1), ev("a", 2), ev("a", 2)],
+                vec![ev("a", 2), ev("b", 1)],
+            ],
             &existing,
             head,
             0,
@@ -190,8 +196,22 @@ mod tests {
         assert_eq!(plan.rows.len(), 2);
         assert_eq!(plan.rows[0].chain_sequence, 8);
         assert_eq!(plan.rows[1].chain_sequence, 9);
-        assert_eq!(plan.outcomes[0], AppendOutcome { stored: 1, duplicates: 2, gaps: vec![] });
-        assert_eq!(plan.outcomes[1], AppendOutcome { stored: 1, duplicates: 1, gaps: vec![] });
+        assert_eq!(
+            plan.outcomes[0],
+            AppendOutcome {
+                stored: 1,
+                duplicates: 2,
+                gaps: vec![]
+            }
+        );
+        assert_eq!(
+            plan.outcomes[1],
+            AppendOutcome {
+                stored: 1,
+                duplicates: 1,
+                gaps: vec![]
+            }
+        );
         assert_eq!(plan.head.hash.to_vec(), plan.rows[1].hash);
     }
 

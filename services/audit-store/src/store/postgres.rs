@@ -67,8 +67,9 @@ impl PgStore {
             (None, Some(c)) => c,
             (None, None) => (0, GENESIS.to_vec()),
         };
-        let hash = to_hash(&head.1)
-            .ok_or_else(|| StoreError::Invalid(format!("stored hash at {} is not 32 bytes", head.0)))?;
+        let hash = to_hash(&head.1).ok_or_else(|| {
+            StoreError::Invalid(format!("stored hash at {} is not 32 bytes", head.0))
+        })?;
         Ok((
             Head {
                 chain_sequence: head.0 as u64,
@@ -110,10 +111,17 @@ impl PgStore {
             insert_events(&mut tx, &plan.rows).await?;
             upsert_sessions(&mut tx, &plan.sessions).await?;
         }
-        let gaps = gaps_in(&mut tx, plan.sessions.iter().map(|s| s.session_id.clone()).collect()).await?;
+        let gaps = gaps_in(
+            &mut tx,
+            plan.sessions.iter().map(|s| s.session_id.clone()).collect(),
+        )
+        .await?;
         if checkpoint_due(plan.head.chain_sequence, last_cp, checkpoint_every) {
-            insert_checkpoint(&mut tx, &Checkpoint::sign(key, plan.head.chain_sequence, &plan.head.hash, now_us()))
-                .await?;
+            insert_checkpoint(
+                &mut tx,
+                &Checkpoint::sign(key, plan.head.chain_sequence, &plan.head.hash, now_us()),
+            )
+            .await?;
         }
         tx.commit().await?;
         Ok(plan.with_gaps(&gaps))
@@ -139,9 +147,18 @@ impl PgStore {
         Ok(rows.into_iter().map(Into::into).collect())
     }
 
-    pub async fn page(&self, after: i64, until: i64, limit: i64) -> Result<Vec<StoredRow>, StoreError> {
-        Ok(sqlx::query_as(concat!("SELECT ", event_columns!(), " FROM audit_events WHERE chain_sequence > $1 AND chain_sequence <= $2 \
-             ORDER BY chain_sequence LIMIT $3"))
+    pub async fn page(
+        &self,
+        after: i64,
+        until: i64,
+        limit: i64,
+    ) -> Result<Vec<StoredRow>, StoreError> {
+        Ok(sqlx::query_as(concat!(
+            "SELECT ",
+            event_columns!(),
+            " FROM audit_events WHERE chain_sequence > $1 AND chain_sequence <= $2 \
+             ORDER BY chain_sequence LIMIT $3"
+        ))
         .bind(after)
         .bind(until)
         .bind(limit)
@@ -150,9 +167,11 @@ impl PgStore {
     }
 
     pub async fn first_sequence(&self) -> Result<Option<i64>, StoreError> {
-        Ok(sqlx::query_scalar("SELECT MIN(chain_sequence) FROM audit_events")
-            .fetch_one(&self.pool)
-            .await?)
+        Ok(
+            sqlx::query_scalar("SELECT MIN(chain_sequence) FROM audit_events")
+                .fetch_one(&self.pool)
+                .await?,
+        )
     }
 
     pub async fn session_events(
@@ -161,8 +180,12 @@ impl PgStore {
         after: i64,
         limit: i64,
     ) -> Result<Vec<StoredRow>, StoreError> {
-        Ok(sqlx::query_as(concat!("SELECT ", event_columns!(), " FROM audit_events WHERE session_id = $1 AND session_sequence > $2 \
-             ORDER BY session_sequence LIMIT $3"))
+        Ok(sqlx::query_as(concat!(
+            "SELECT ",
+            event_columns!(),
+            " FROM audit_events WHERE session_id = $1 AND session_sequence > $2 \
+             ORDER BY session_sequence LIMIT $3"
+        ))
         .bind(session_id)
         .bind(after)
         .bind(limit)
@@ -203,12 +226,19 @@ impl PgStore {
     }
 }
 
-async fn insert_events(tx: &mut Transaction<'static, Postgres>, rows: &[StoredRow]) -> Result<(), StoreError> {
+async fn insert_events(
+    tx: &mut Transaction<'static, Postgres>,
+    rows: &[StoredRow],
+) -> Result<(), StoreError> {
     let col = |f: fn(&StoredRow) -> i64| rows.iter().map(f).collect::<Vec<_>>();
     let text = |f: fn(&StoredRow) -> &str| rows.iter().map(|r| f(r).to_owned()).collect::<Vec<_>>();
-    sqlx::query(concat!("INSERT INTO audit_events (", event_columns!(), ") SELECT * FROM UNNEST($1::bigint[], $2::bigint[], \
+    sqlx::query(concat!(
+        "INSERT INTO audit_events (",
+        event_columns!(),
+        ") SELECT * FROM UNNEST($1::bigint[], $2::bigint[], \
          $3::text[], $4::bigint[], $5::bigint[], $6::text[], $7::text[], $8::text[], $9::int[], \
-         $10::bytea[], $11::bytea[])"))
+         $10::bytea[], $11::bytea[])"
+    ))
     .bind(col(|r| r.chain_sequence))
     .bind(col(|r| r.stored_at_us))
     .bind(text(|r| &r.session_id))
@@ -225,8 +255,12 @@ async fn insert_events(tx: &mut Transaction<'static, Postgres>, rows: &[StoredRo
     Ok(())
 }
 
-async fn upsert_sessions(tx: &mut Transaction<'static, Postgres>, rows: &[SessionRow]) -> Result<(), StoreError> {
-    let text = |f: fn(&SessionRow) -> &str| rows.iter().map(|r| f(r).to_owned()).collect::<Vec<_>>();
+async fn upsert_sessions(
+    tx: &mut Transaction<'static, Postgres>,
+    rows: &[SessionRow],
+) -> Result<(), StoreError> {
+    let text =
+        |f: fn(&SessionRow) -> &str| rows.iter().map(|r| f(r).to_owned()).collect::<Vec<_>>();
     let num = |f: fn(&SessionRow) -> i64| rows.iter().map(f).collect::<Vec<_>>();
     sqlx::query(
         "INSERT INTO audit_sessions AS s SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], \
@@ -259,7 +293,10 @@ async fn upsert_sessions(tx: &mut Transaction<'static, Postgres>, rows: &[Sessio
 
 /// Holes of the given sessions; only sessions whose count falls short of their last
 /// sequence are scanned, so the common case costs one index lookup per session.
-async fn gaps_in(tx: &mut Transaction<'static, Postgres>, sessions: Vec<String>) -> Result<Vec<Gap>, StoreError> {
+async fn gaps_in(
+    tx: &mut Transaction<'static, Postgres>,
+    sessions: Vec<String>,
+) -> Result<Vec<Gap>, StoreError> {
     let short: Vec<String> = sqlx::query_scalar(
         "SELECT session_id FROM audit_sessions WHERE session_id = ANY($1) AND events < last_sequence",
     )
@@ -279,7 +316,10 @@ async fn gaps_in(tx: &mut Transaction<'static, Postgres>, sessions: Vec<String>)
     Ok(gaps)
 }
 
-async fn insert_checkpoint(tx: &mut Transaction<'static, Postgres>, cp: &Checkpoint) -> Result<(), StoreError> {
+async fn insert_checkpoint(
+    tx: &mut Transaction<'static, Postgres>,
+    cp: &Checkpoint,
+) -> Result<(), StoreError> {
     sqlx::query(
         "INSERT INTO audit_checkpoints (chain_sequence, head_hash, created_at_us, signature, key_id) \
          VALUES ($1, $2, $3, $4, $5)",

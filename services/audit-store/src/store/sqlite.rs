@@ -5,7 +5,9 @@ use std::collections::HashSet;
 use std::str::FromStr;
 
 use agentgate_audit_chain::{Checkpoint, GENESIS, SigningKey, to_hash};
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
+};
 use sqlx::{QueryBuilder, Sqlite, Transaction};
 
 use super::plan::{Plan, checkpoint_due};
@@ -31,7 +33,10 @@ pub struct SqliteStore {
 
 impl SqliteStore {
     pub async fn open(path: &str) -> Result<Self, StoreError> {
-        if let Some(dir) = std::path::Path::new(path).parent().filter(|d| !d.as_os_str().is_empty()) {
+        if let Some(dir) = std::path::Path::new(path)
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty())
+        {
             std::fs::create_dir_all(dir)
                 .map_err(|e| StoreError::Invalid(format!("creating {}: {e}", dir.display())))?;
         }
@@ -70,8 +75,9 @@ impl SqliteStore {
             (None, Some(c)) => c,
             (None, None) => (0, GENESIS.to_vec()),
         };
-        let hash = to_hash(&head.1)
-            .ok_or_else(|| StoreError::Invalid(format!("stored hash at {} is not 32 bytes", head.0)))?;
+        let hash = to_hash(&head.1).ok_or_else(|| {
+            StoreError::Invalid(format!("stored hash at {} is not 32 bytes", head.0))
+        })?;
         Ok((
             Head {
                 chain_sequence: head.0 as u64,
@@ -103,7 +109,9 @@ impl SqliteStore {
             );
             let mut sep = q.separated(", ");
             for (id, seq) in chunk {
-                sep.push("(").push_bind_unseparated(id).push_unseparated(", ");
+                sep.push("(")
+                    .push_bind_unseparated(id)
+                    .push_unseparated(", ");
                 sep.push_bind_unseparated(*seq).push_unseparated(")");
             }
             q.push(")");
@@ -113,7 +121,11 @@ impl SqliteStore {
 
         let plan = Plan::new(batches, &existing, head, now_us());
         for chunk in plan.rows.chunks(ROWS_PER_STATEMENT) {
-            let mut q = QueryBuilder::<Sqlite>::new(concat!("INSERT INTO audit_events (", event_columns!(), ") "));
+            let mut q = QueryBuilder::<Sqlite>::new(concat!(
+                "INSERT INTO audit_events (",
+                event_columns!(),
+                ") "
+            ));
             q.push_values(chunk, |mut b, r| {
                 b.push_bind(r.chain_sequence)
                     .push_bind(r.stored_at_us)
@@ -162,8 +174,11 @@ impl SqliteStore {
             gaps.extend(gaps_in(&mut tx, &s.session_id).await?);
         }
         if checkpoint_due(plan.head.chain_sequence, last_cp, checkpoint_every) {
-            insert_checkpoint(&mut tx, &Checkpoint::sign(key, plan.head.chain_sequence, &plan.head.hash, now_us()))
-                .await?;
+            insert_checkpoint(
+                &mut tx,
+                &Checkpoint::sign(key, plan.head.chain_sequence, &plan.head.hash, now_us()),
+            )
+            .await?;
         }
         tx.commit().await?;
         Ok(plan.with_gaps(&gaps))
@@ -189,9 +204,18 @@ impl SqliteStore {
         Ok(rows.into_iter().map(Into::into).collect())
     }
 
-    pub async fn page(&self, after: i64, until: i64, limit: i64) -> Result<Vec<StoredRow>, StoreError> {
-        Ok(sqlx::query_as(concat!("SELECT ", event_columns!(), " FROM audit_events WHERE chain_sequence > ?1 AND chain_sequence <= ?2 \
-             ORDER BY chain_sequence LIMIT ?3"))
+    pub async fn page(
+        &self,
+        after: i64,
+        until: i64,
+        limit: i64,
+    ) -> Result<Vec<StoredRow>, StoreError> {
+        Ok(sqlx::query_as(concat!(
+            "SELECT ",
+            event_columns!(),
+            " FROM audit_events WHERE chain_sequence > ?1 AND chain_sequence <= ?2 \
+             ORDER BY chain_sequence LIMIT ?3"
+        ))
         .bind(after)
         .bind(until)
         .bind(limit)
@@ -200,9 +224,11 @@ impl SqliteStore {
     }
 
     pub async fn first_sequence(&self) -> Result<Option<i64>, StoreError> {
-        Ok(sqlx::query_scalar("SELECT MIN(chain_sequence) FROM audit_events")
-            .fetch_one(&self.pool)
-            .await?)
+        Ok(
+            sqlx::query_scalar("SELECT MIN(chain_sequence) FROM audit_events")
+                .fetch_one(&self.pool)
+                .await?,
+        )
     }
 
     pub async fn session_events(
@@ -211,8 +237,12 @@ impl SqliteStore {
         after: i64,
         limit: i64,
     ) -> Result<Vec<StoredRow>, StoreError> {
-        Ok(sqlx::query_as(concat!("SELECT ", event_columns!(), " FROM audit_events WHERE session_id = ?1 AND session_sequence > ?2 \
-             ORDER BY session_sequence LIMIT ?3"))
+        Ok(sqlx::query_as(concat!(
+            "SELECT ",
+            event_columns!(),
+            " FROM audit_events WHERE session_id = ?1 AND session_sequence > ?2 \
+             ORDER BY session_sequence LIMIT ?3"
+        ))
         .bind(session_id)
         .bind(after)
         .bind(limit)
@@ -244,13 +274,16 @@ impl SqliteStore {
 
     pub async fn prune(&self, upto: i64) -> Result<u64, StoreError> {
         let mut tx = self.write_tx().await?;
-        let signed: Option<i64> =
-            sqlx::query_scalar("SELECT chain_sequence FROM audit_checkpoints WHERE chain_sequence = ?1")
-                .bind(upto)
-                .fetch_optional(&mut *tx)
-                .await?;
+        let signed: Option<i64> = sqlx::query_scalar(
+            "SELECT chain_sequence FROM audit_checkpoints WHERE chain_sequence = ?1",
+        )
+        .bind(upto)
+        .fetch_optional(&mut *tx)
+        .await?;
         if signed.is_none() {
-            return Err(StoreError::Invalid(format!("prune: no signed checkpoint at {upto}")));
+            return Err(StoreError::Invalid(format!(
+                "prune: no signed checkpoint at {upto}"
+            )));
         }
         sqlx::query("INSERT INTO audit_prune_window (upto) VALUES (?1)")
             .bind(upto)
@@ -261,13 +294,18 @@ impl SqliteStore {
             .execute(&mut *tx)
             .await?
             .rows_affected();
-        sqlx::query("DELETE FROM audit_prune_window").execute(&mut *tx).await?;
+        sqlx::query("DELETE FROM audit_prune_window")
+            .execute(&mut *tx)
+            .await?;
         tx.commit().await?;
         Ok(removed)
     }
 }
 
-async fn gaps_in(tx: &mut Transaction<'static, Sqlite>, session: &str) -> Result<Vec<Gap>, StoreError> {
+async fn gaps_in(
+    tx: &mut Transaction<'static, Sqlite>,
+    session: &str,
+) -> Result<Vec<Gap>, StoreError> {
     let short: Option<String> = sqlx::query_scalar(
         "SELECT session_id FROM audit_sessions WHERE session_id = ?1 AND events < last_sequence",
     )
@@ -286,7 +324,10 @@ async fn gaps_in(tx: &mut Transaction<'static, Sqlite>, session: &str) -> Result
     Ok(holes(session, seqs))
 }
 
-async fn insert_checkpoint(tx: &mut Transaction<'static, Sqlite>, cp: &Checkpoint) -> Result<(), StoreError> {
+async fn insert_checkpoint(
+    tx: &mut Transaction<'static, Sqlite>,
+    cp: &Checkpoint,
+) -> Result<(), StoreError> {
     sqlx::query(
         "INSERT INTO audit_checkpoints (chain_sequence, head_hash, created_at_us, signature, key_id) \
          VALUES (?1, ?2, ?3, ?4, ?5)",
