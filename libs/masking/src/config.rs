@@ -68,8 +68,9 @@ pub enum Selector {
     Column(String),
     /// A path into a JSON document, keys separated by `.`, with an optional leading `$.`:
     /// `user.email`, `items.*.card`, `**.password`. `*` matches any one key, `**` any number
-    /// of keys (including none). Arrays are transparent: `users.email` matches the `email` of
-    /// every element of `users`. If the path selects an object or array, every string and
+    /// of keys (including none). Keys match ASCII case-insensitively. Arrays are transparent:
+    /// `users.email` matches the `email` of every element of `users` (`users[*].email` is
+    /// accepted and means the same). If the path selects an object or array, every string and
     /// number beneath it is masked.
     JsonPath(String),
     /// An HTTP header name, ASCII case-insensitive. A trailing `*` matches a prefix
@@ -95,8 +96,9 @@ pub enum Strategy {
     /// Keep the part that helps a reader and is not the secret: the domain of an email, the
     /// last four digits of a card, SSN or phone number, the country and last four characters
     /// of an IBAN, the network half of an IP address, the prefix of an API token (so the
-    /// reader knows which kind of credential was there). Values with no known format keep at
-    /// most their last four letters or digits, and never more than a quarter of them.
+    /// reader knows which kind of credential was there). Values with no known format keep
+    /// their punctuation and at most their last four letters or digits: a quarter of them,
+    /// and none of a value with fewer than eight.
     Partial,
     /// Replace the value with `[HMAC:<16 hex digits>]`, a truncated HMAC-SHA256 of the value
     /// under the deployment's secret ([`crate::HashKey`]). Equal values give equal tags, so an

@@ -100,7 +100,7 @@ const fn class(ranges: &[(u8, u8)], singles: &[u8]) -> [bool; 256] {
 
 const ALNUM_R: [(u8, u8); 3] = [(b'0', b'9'), (b'A', b'Z'), (b'a', b'z')];
 /// Characters of an email local part (the common subset of RFC 5322 atext, plus dots).
-pub(crate) const LOCAL: [bool; 256] = class(&ALNUM_R, b"._%+-");
+pub(crate) const LOCAL: [bool; 256] = class(&ALNUM_R, b"._%+-'");
 /// Characters of a domain label.
 const LABEL: [bool; 256] = class(&ALNUM_R, b"-");
 const HEX: [bool; 256] = class(&[(b'0', b'9'), (b'A', b'F'), (b'a', b'f')], b"");
@@ -118,7 +118,7 @@ const PEM_BODY: [bool; 256] = class(&ALNUM_R, b"+/= \t\r\n:,-\\");
 /// Bytes that may precede an anchor inside a match (email local part, IBAN country code,
 /// the `+` or `(` of a phone number, the first hex group of an IPv6 address). The stream
 /// masker holds back a trailing run of these, because a later anchor may claim them.
-pub(crate) const REACH: [bool; 256] = class(&ALNUM_R, b"._%+-(");
+pub(crate) const REACH: [bool; 256] = class(&ALNUM_R, b"._%+-'(");
 
 #[inline(always)]
 fn is_digit(c: u8) -> bool {
@@ -156,7 +156,9 @@ pub(crate) fn email(h: &Hay, a: usize, lo: usize) -> Decide<Option<Found>> {
     if s == lower && s > lo && s > 0 && LOCAL[b[s - 1] as usize] {
         return Ok(None); // local part longer than 64: not an address
     }
-    while s < a && b[s] == b'.' {
+    // a local part does not start with a dot; a leading quote is the text's, not the
+    // address's ('alice@example.com')
+    while s < a && (b[s] == b'.' || b[s] == b'\'') {
         s += 1;
     }
     if s == a || b[a - 1] == b'.' {
@@ -387,6 +389,16 @@ pub(crate) fn payment_card(h: &Hay, a: usize) -> Decide<Option<Found>> {
     {
         return Ok(None);
     }
+    // The groups of an IBAN written in fours ("DE12 3456 …") are not a card number, even
+    // when the IBAN is mistyped and its checksum fails.
+    let b = h.b;
+    if a >= 5
+        && b[a - 1] == b' '
+        && b[a - 3..a - 1].iter().all(u8::is_ascii_digit)
+        && b[a - 5..a - 3].iter().all(u8::is_ascii_uppercase)
+    {
+        return Ok(None);
+    }
     let mut ds = [0u8; 19];
     let mut n = 0usize;
     let mut i = a;
@@ -409,11 +421,13 @@ pub(crate) fn payment_card(h: &Hay, a: usize) -> Decide<Option<Found>> {
         let continues = matches!(next, Some(b' ' | b'-'))
             && (sep.is_none() || sep == next)
             && h.is(i + 1, is_digit)?;
-        if sep.is_some() || continues {
-            // grouped: every group 3..=6 digits
-            if !(3..=6).contains(&glen) {
-                return Ok(None);
-            }
+        if continues && !(3..=6).contains(&glen) {
+            // grouped: every group but the last has 3..=6 digits
+            return Ok(None);
+        }
+        if sep.is_some() && !continues && !(1..=6).contains(&glen) {
+            // the last group holds the rest: 1..=6 digits (4-4-4-1, 4-4-4-2, 4-6-5, …)
+            return Ok(None);
         }
         if continues {
             sep = next;
@@ -447,7 +461,10 @@ fn card_issuer_ok(d: &[u8]) -> bool {
     let diners = ((300..=305).contains(&p3) || p2 == 36 || p2 == 38 || p2 == 39 || p4 == 3095)
         && (14..=19).contains(&len);
     let unionpay = p2 == 62 && (16..=19).contains(&len);
-    let maestro = (p2 == 50 || (56..=69).contains(&p2)) && (12..=19).contains(&len);
+    let maestro = matches!(
+        p4,
+        5018 | 5020 | 5038 | 5893 | 6304 | 6759 | 6761 | 6762 | 6763
+    ) && (12..=19).contains(&len);
     visa || mastercard || amex || discover || jcb || diners || unionpay || maestro
 }
 
@@ -673,7 +690,8 @@ pub(crate) fn url_credentials(h: &Hay, a: usize) -> Decide<Option<Found>> {
         }
         match h.get(i)? {
             None => break,
-            Some(c) if c.is_ascii_whitespace() || b"/?#\"'<>`\\".contains(&c) => break,
+            // `#` is not a terminator: real DSNs carry it unencoded in passwords
+            Some(c) if c.is_ascii_whitespace() || b"/?\"'<>`\\".contains(&c) => break,
             Some(b'@') => at = Some(i),
             Some(b':') if colon.is_none() => colon = Some(i),
             Some(_) => {}
@@ -872,8 +890,9 @@ pub(crate) fn literal(h: &Hay, a: usize, lit: &Lit) -> Decide<Option<Found>> {
             let mut assigned = !needs_assign;
             while i - (a + plen) < 8 {
                 match h.get(i)? {
-                    Some(c @ (b' ' | b'\t' | b'"' | b'\'' | b'=' | b':')) => {
-                        assigned |= c == b'=' || c == b':';
+                    Some(c @ (b' ' | b'\t' | b'"' | b'\'' | b'=' | b':' | b'>')) => {
+                        // `key = v`, `key: v`, `"key": "v"`, `<Key>v</Key>`
+                        assigned |= matches!(c, b'=' | b':' | b'>');
                         i += 1;
                     }
                     _ => break,

@@ -177,14 +177,20 @@ fn keep_last_alnum(v: &[u8], keep: usize, is_secret: impl Fn(u8) -> bool, out: &
     }
 }
 
+/// How many of `n` letters and digits partial masking keeps: none of fewer than 8, then a
+/// quarter, at most 4.
+fn generic_keep(n: usize) -> usize {
+    if n < 8 { 0 } else { (n / 4).min(4) }
+}
+
 /// Partial masking of a value of unknown format: letters and digits become `*` except the
-/// last `min(4, n / 4)` of them; punctuation and spaces stay, so the shape is visible.
+/// last [`generic_keep`] of them; punctuation and spaces stay, so the shape is visible.
 /// Invalid UTF-8 is handled byte-wise (every non-ASCII byte counts as a letter).
 pub(crate) fn generic_partial(v: &[u8], out: &mut Vec<u8>) {
     match std::str::from_utf8(v) {
         Ok(s) => {
             let total = s.chars().filter(|c| c.is_alphanumeric()).count();
-            let keep = (total / 4).min(4);
+            let keep = generic_keep(total);
             let hide = total - keep;
             let mut seen = 0;
             let mut buf = [0u8; 4];
@@ -202,7 +208,7 @@ pub(crate) fn generic_partial(v: &[u8], out: &mut Vec<u8>) {
         Err(_) => {
             let secret = |c: u8| c.is_ascii_alphanumeric() || c >= 0x80;
             let total = v.iter().filter(|c| secret(**c)).count();
-            keep_last_alnum(v, (total / 4).min(4), secret, out);
+            keep_last_alnum(v, generic_keep(total), secret, out);
         }
     }
 }

@@ -34,7 +34,7 @@ pub(crate) struct ScanEnd {
 }
 
 /// The compiled detector set of one masker.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub(crate) struct Scanner {
     enabled: [bool; DetectorKind::ALL.len()],
     class: [u8; 256],
@@ -45,6 +45,17 @@ pub(crate) struct Scanner {
     /// Some detector anchored on digits is on.
     digits_on: bool,
     any: bool,
+}
+
+impl std::fmt::Debug for Scanner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let on: Vec<&str> = DetectorKind::ALL
+            .iter()
+            .filter(|k| self.on(**k))
+            .map(|k| k.name())
+            .collect();
+        f.debug_struct("Scanner").field("detectors", &on).finish()
+    }
 }
 
 impl Scanner {

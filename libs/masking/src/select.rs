@@ -31,12 +31,22 @@ impl PathSel {
         }
         let mut segs = Vec::new();
         for s in p.split('.') {
+            // Arrays are transparent; `items[*]`, `items[0]`, `items[]` are accepted for
+            // readability and mean `items`.
+            let (s, indexed) = match s.find('[') {
+                Some(i) if s.ends_with(']') => (&s[..i], true),
+                _ => (s, false),
+            };
             segs.push(match s {
+                "" if indexed => continue,
                 "" => return Err(ConfigError::selector(rule, "empty segment in JSON path")),
                 "*" => Seg::Any,
                 "**" => Seg::AnyDepth,
                 k => Seg::Key(k.to_owned()),
             });
+        }
+        if segs.is_empty() {
+            return Err(ConfigError::selector(rule, "empty JSON path"));
         }
         Ok(PathSel { segs })
     }
@@ -193,6 +203,9 @@ mod tests {
         assert!(p("a.**").matches(&["a"]));
         assert!(p("a.**.z").matches(&["a", "b", "c", "z"]));
         assert!(p("**.b.**.d").matches(&["x", "b", "y", "d"]));
+        assert!(p("items[*].card").matches(&["items", "card"]));
+        assert!(p("items.[*].card").matches(&["items", "card"]));
+        assert!(p("$[*].card").matches(&["card"]));
         assert!(!p("**.b.**.d").matches(&["x", "y", "d"]));
         let long: Vec<String> = (0..200).map(|i| format!("k{i}")).collect();
         assert!(!p("**.a.**.b.**.c.**.d").matches(&long));

@@ -13,10 +13,10 @@ const CONTEXT: usize = 8;
 /// which already destroys them as credentials.
 pub const MAX_MATCH_LEN: usize = (if PEM_MAX > JWT_MAX { PEM_MAX } else { JWT_MAX }) + 64;
 
-/// The most input a [`StreamMasker`] holds back between calls: a match in progress
-/// ([`MAX_MATCH_LEN`] plus the byte after it), the longest look-behind of a detector (an
-/// email local part, 64 bytes) and a little context.
-pub const MAX_HELD: usize = MAX_MATCH_LEN + 1 + MAX_LOCAL + CONTEXT;
+/// The most input a [`StreamMasker`] holds back after any call: a candidate match still
+/// undecided ([`MAX_MATCH_LEN`] plus the byte after it) and the longest look-behind of a
+/// detector (an email's local part, 64 bytes). About 16.5 KiB.
+pub const MAX_HELD: usize = MAX_MATCH_LEN + MAX_LOCAL + 2;
 
 /// Masks a byte stream chunk by chunk.
 ///

@@ -184,7 +184,7 @@ BRANDS = [
     ([4], 16), ([4], 13), ([4], 19), ([5, 1], 16), ([5, 5], 16), ([2, 2, 2, 1], 16),
     ([2, 7, 2, 0], 16), ([3, 4], 15), ([3, 7], 15), ([6, 0, 1, 1], 16), ([6, 5], 16),
     ([6, 4, 4], 16), ([3, 5, 2, 8], 16), ([3, 5, 8, 9], 16), ([3, 0, 0], 14), ([3, 6], 14),
-    ([6, 2], 16), ([6, 2], 19), ([5, 0], 12), ([6, 7], 16),
+    ([6, 2], 16), ([6, 2], 19), ([5, 0, 1, 8], 12), ([6, 7, 5, 9], 16), ([6, 3, 0, 4], 19),
 ]
 
 
@@ -237,7 +237,6 @@ for s in [
     "isbn 9783161484100",
     "imei 490154203237518",  # Luhn-valid IMEI, no card issuer starts with 49 at length 15
     "account 0001234567890123",
-    "row 4111 1111 1111 111 1",
     "digits 41111111111111111111111",
 ]:
     add("payment_card", s)
@@ -518,7 +517,7 @@ for s in ["AccountKey=short;", "AccountKey="]:
 for s in [
     "DATABASE_URL=postgres://app:[[s3cret]]@db:5432/app",
     "https://user:[[pa%40ss]]@example.com/x",
-    "mysql://root:[[hunter2]]@10.0.0.5/db",
+    "mysql://root:[[hunter2]]@mysql.internal/db",
     "redis://:[[secretpass]]@cache:6379/0",
     "amqp://guest:[[guest]]@rabbit:5672//",
     '{"dsn": "mongodb+srv://admin:[[Xy7#kL9q]]@cluster0.example.net/test"}',

@@ -1,0 +1,430 @@
+//! agentgate's own access tokens and the authentication of callers.
+//!
+//! authz signs short-lived tokens as JWTs with Ed25519 (`alg: EdDSA`, a `kid` naming the
+//! key). Everything that accepts a token verifies it with [`TokenVerifier`], which refuses
+//! every algorithm but EdDSA (so `alg: none` and HMAC-with-the-public-key tricks cannot work),
+//! unknown key ids, and tokens outside their validity, audience or issuer, each with its own
+//! [`TokenError`] so the refusal can be recorded with its reason.
+
+use std::collections::HashMap;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use agentgate_proto::common::v1::{Principal, PrincipalKind};
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use ed25519_dalek::pkcs8::EncodePrivateKey as _;
+use ed25519_dalek::{SigningKey, VerifyingKey};
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest as _, Sha256};
+
+/// The claims of an agentgate token.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Claims {
+    pub iss: String,
+    pub sub: String,
+    /// "agent", "human" or "service".
+    pub kind: String,
+    #[serde(default)]
+    pub groups: Vec<String>,
+    /// Which proxies or connections may accept it; empty means any.
+    #[serde(default)]
+    pub aud: Vec<String>,
+    pub exp: u64,
+    pub nbf: u64,
+    pub iat: u64,
+    /// Token id, for revocation.
+    pub jti: String,
+}
+
+impl Claims {
+    /// The verified identity these claims describe.
+    pub fn principal(&self) -> Principal {
+        Principal {
+            subject: self.sub.clone(),
+            kind: kind_from_str(&self.kind) as i32,
+            groups: self.groups.clone(),
+            issuer: self.iss.clone(),
+            token_id: self.jti.clone(),
+        }
+    }
+
+    /// When the token stops being valid.
+    pub fn expires_at(&self) -> SystemTime {
+        UNIX_EPOCH + Duration::from_secs(self.exp)
+    }
+}
+
+/// "agent" → Agent, and so on; anything else is Unspecified.
+pub fn kind_from_str(kind: &str) -> PrincipalKind {
+    match kind {
+        "agent" => PrincipalKind::Agent,
+        "human" => PrincipalKind::Human,
+        "service" => PrincipalKind::Service,
+        _ => PrincipalKind::Unspecified,
+    }
+}
+
+/// The claim value of a principal kind.
+pub fn kind_to_str(kind: PrincipalKind) -> &'static str {
+    match kind {
+        PrincipalKind::Agent => "agent",
+        PrincipalKind::Human => "human",
+        PrincipalKind::Service => "service",
+        PrincipalKind::Unspecified => "unspecified",
+    }
+}
+
+/// Why a token was refused. The message is safe to show the caller and to record.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TokenError {
+    #[error("malformed token: {0}")]
+    Malformed(String),
+    #[error("token algorithm {0:?} is not accepted (only EdDSA)")]
+    UnsupportedAlgorithm(String),
+    #[error("token signed by unknown key id {0:?}")]
+    UnknownKeyId(String),
+    #[error("token signature does not verify")]
+    BadSignature,
+    #[error("token expired")]
+    Expired,
+    #[error("token not yet valid")]
+    NotYetValid,
+    #[error("token is not for {0:?}")]
+    WrongAudience(String),
+    #[error("token issuer is not trusted")]
+    WrongIssuer,
+    #[error("token {0} was revoked")]
+    Revoked(String),
+}
+
+/// What to put in a new token.
+#[derive(Debug, Clone)]
+pub struct TokenRequest {
+    pub subject: String,
+    pub kind: PrincipalKind,
+    pub groups: Vec<String>,
+    pub audience: Vec<String>,
+    pub ttl: Duration,
+}
+
+/// A short, stable key id: the first 16 hex digits of SHA-256 of the public key.
+pub fn key_id(key: &VerifyingKey) -> String {
+    hex::encode(&Sha256::digest(key.as_bytes())[..8])
+}
+
+/// Signs agentgate tokens.
+pub struct TokenIssuer {
+    encoding: EncodingKey,
+    public: VerifyingKey,
+    kid: String,
+    issuer: String,
+}
+
+impl TokenIssuer {
+    /// An issuer named `issuer` (the `iss` claim) signing with `key`.
+    pub fn new(key: &SigningKey, issuer: impl Into<String>) -> Result<TokenIssuer, TokenError> {
+        let der = key
+            .to_pkcs8_der()
+            .map_err(|e| TokenError::Malformed(format!("signing key: {e}")))?;
+        Ok(TokenIssuer {
+            encoding: EncodingKey::from_ed_der(der.as_bytes()),
+            public: key.verifying_key(),
+            kid: key_id(&key.verifying_key()),
+            issuer: issuer.into(),
+        })
+    }
+
+    /// Signs a token; returns it with its claims.
+    pub fn issue(&self, request: &TokenRequest) -> Result<(String, Claims), TokenError> {
+        let now = now_secs();
+        let claims = Claims {
+            iss: self.issuer.clone(),
+            sub: request.subject.clone(),
+            kind: kind_to_str(request.kind).to_owned(),
+            groups: request.groups.clone(),
+            aud: request.audience.clone(),
+            exp: now + request.ttl.as_secs().max(1),
+            nbf: now,
+            iat: now,
+            jti: uuid::Uuid::new_v4().to_string(),
+        };
+        let mut header = Header::new(Algorithm::EdDSA);
+        header.kid = Some(self.kid.clone());
+        let token = jsonwebtoken::encode(&header, &claims, &self.encoding)
+            .map_err(|e| TokenError::Malformed(e.to_string()))?;
+        Ok((token, claims))
+    }
+
+    /// A verifier that trusts this issuer's key.
+    pub fn verifier(&self) -> TokenVerifier {
+        let mut v = TokenVerifier::new(self.issuer.clone());
+        v.add_key(&self.public);
+        v
+    }
+
+    pub fn issuer(&self) -> &str {
+        &self.issuer
+    }
+
+    pub fn key_id(&self) -> &str {
+        &self.kid
+    }
+
+    /// The public key as a JWK set, for services that verify tokens locally.
+    pub fn jwks(&self) -> serde_json::Value {
+        serde_json::json!({"keys": [{
+            "kty": "OKP", "crv": "Ed25519", "alg": "EdDSA", "use": "sig",
+            "kid": self.kid, "x": URL_SAFE_NO_PAD.encode(self.public.as_bytes()),
+        }]})
+    }
+}
+
+/// Verifies agentgate tokens against a set of Ed25519 public keys (several during a key
+/// rotation), one trusted issuer, and optionally an audience.
+#[derive(Clone)]
+pub struct TokenVerifier {
+    keys: HashMap<String, DecodingKey>,
+    issuer: String,
+    /// Clock skew tolerated on exp and nbf.
+    pub leeway: Duration,
+}
+
+impl TokenVerifier {
+    pub fn new(issuer: impl Into<String>) -> TokenVerifier {
+        TokenVerifier {
+            keys: HashMap::new(),
+            issuer: issuer.into(),
+            leeway: Duration::from_secs(5),
+        }
+    }
+
+    /// Trusts `key` under its key id.
+    pub fn add_key(&mut self, key: &VerifyingKey) {
+        self.keys
+            .insert(key_id(key), DecodingKey::from_ed_der(key.as_bytes()));
+    }
+
+    /// Checks algorithm, key id, signature, validity window, issuer and (when given) that
+    /// `audience` is among the token's audiences; a token with no audience is for any.
+    pub fn verify(&self, token: &str, audience: Option<&str>) -> Result<Claims, TokenError> {
+        let alg = header_alg(token)?;
+        if alg != "EdDSA" {
+            return Err(TokenError::UnsupportedAlgorithm(alg));
+        }
+        let header =
+            jsonwebtoken::decode_header(token).map_err(|e| TokenError::Malformed(e.to_string()))?;
+        let kid = header.kid.unwrap_or_default();
+        let key = self
+            .keys
+            .get(&kid)
+            .ok_or_else(|| TokenError::UnknownKeyId(kid.clone()))?;
+        let mut validation = Validation::new(Algorithm::EdDSA);
+        validation.leeway = self.leeway.as_secs();
+        validation.validate_nbf = true;
+        validation.validate_aud = false;
+        validation.set_required_spec_claims(&["exp", "nbf", "iss", "sub"]);
+        validation.set_issuer(&[&self.issuer]);
+        let data = jsonwebtoken::decode::<Claims>(token, key, &validation).map_err(|e| {
+            use jsonwebtoken::errors::ErrorKind as K;
+            match e.kind() {
+                K::InvalidSignature => TokenError::BadSignature,
+                K::ExpiredSignature => TokenError::Expired,
+                K::ImmatureSignature => TokenError::NotYetValid,
+                K::InvalidIssuer => TokenError::WrongIssuer,
+                _ => TokenError::Malformed(e.to_string()),
+            }
+        })?;
+        let claims = data.claims;
+        if let Some(aud) = audience
+            && !claims.aud.is_empty()
+            && !claims.aud.iter().any(|a| a == aud)
+        {
+            return Err(TokenError::WrongAudience(aud.to_owned()));
+        }
+        Ok(claims)
+    }
+}
+
+/// Turns a presented token into a verified principal. [`TokenVerifier`] checks signature and
+/// validity locally; authz's implementation also checks revocation. Services take an
+/// `Arc<dyn Authenticator>` so tests and `agentgate up` can wire either.
+#[tonic::async_trait]
+pub trait Authenticator: Send + Sync + 'static {
+    /// `audience`: the service or connection the token must be for, if any.
+    async fn authenticate(
+        &self,
+        token: &str,
+        audience: Option<&str>,
+    ) -> Result<Principal, TokenError>;
+}
+
+#[tonic::async_trait]
+impl Authenticator for TokenVerifier {
+    async fn authenticate(
+        &self,
+        token: &str,
+        audience: Option<&str>,
+    ) -> Result<Principal, TokenError> {
+        self.verify(token, audience).map(|c| c.principal())
+    }
+}
+
+/// The `alg` of a JWT header, read without trusting anything else in it.
+fn header_alg(token: &str) -> Result<String, TokenError> {
+    if token.len() > 16 * 1024 {
+        return Err(TokenError::Malformed("longer than 16 KiB".into()));
+    }
+    let head = token
+        .split('.')
+        .next()
+        .ok_or_else(|| TokenError::Malformed("not a JWT".into()))?;
+    let bytes = URL_SAFE_NO_PAD
+        .decode(head)
+        .map_err(|_| TokenError::Malformed("header is not base64url".into()))?;
+    let value: serde_json::Value = serde_json::from_slice(&bytes)
+        .map_err(|_| TokenError::Malformed("header is not JSON".into()))?;
+    Ok(value
+        .get("alg")
+        .and_then(|a| a.as_str())
+        .unwrap_or_default()
+        .to_owned())
+}
+
+fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or_default()
+}
+
+/// The bearer token of a gRPC call (`authorization: Bearer …`), or UNAUTHENTICATED.
+pub fn bearer_token(metadata: &tonic::metadata::MetadataMap) -> Result<&str, tonic::Status> {
+    let value = metadata
+        .get("authorization")
+        .ok_or_else(|| {
+            tonic::Status::unauthenticated("no credential: send `authorization: Bearer <token>`")
+        })?
+        .to_str()
+        .map_err(|_| tonic::Status::unauthenticated("authorization header is not text"))?;
+    value
+        .strip_prefix("Bearer ")
+        .or_else(|| value.strip_prefix("bearer "))
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .ok_or_else(|| tonic::Status::unauthenticated("authorization must be `Bearer <token>`"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn issuer() -> TokenIssuer {
+        TokenIssuer::new(&SigningKey::from_bytes(&[3; 32]), "agentgate").expect("issuer")
+    }
+
+    fn request(ttl: u64, aud: &[&str]) -> TokenRequest {
+        TokenRequest {
+            subject: "agent:deploy-bot".into(),
+            kind: PrincipalKind::Agent,
+            groups: vec!["deployers".into()],
+            audience: aud.iter().map(|s| s.to_string()).collect(),
+            ttl: Duration::from_secs(ttl),
+        }
+    }
+
+    #[test]
+    fn issued_token_verifies_into_a_principal() {
+        let i = issuer();
+        let (token, claims) = i.issue(&request(60, &["prod-db"])).expect("issue");
+        let got = i
+            .verifier()
+            .verify(&token, Some("prod-db"))
+            .expect("verify");
+        assert_eq!(got, claims);
+        let p = got.principal();
+        assert_eq!(p.subject, "agent:deploy-bot");
+        assert_eq!(p.kind, PrincipalKind::Agent as i32);
+        assert_eq!(p.token_id, claims.jti);
+    }
+
+    #[test]
+    fn forgeries_are_refused_with_their_reason() {
+        let i = issuer();
+        let v = i.verifier();
+        let (token, _) = i.issue(&request(60, &["prod-db"])).expect("issue");
+        // Wrong audience.
+        assert_eq!(
+            v.verify(&token, Some("other-db")),
+            Err(TokenError::WrongAudience("other-db".into()))
+        );
+        // Signature of another key with the same kid.
+        let other =
+            TokenIssuer::new(&SigningKey::from_bytes(&[4; 32]), "agentgate").expect("issuer");
+        let (forged, _) = other.issue(&request(60, &[])).expect("issue");
+        let mut parts: Vec<&str> = forged.split('.').collect();
+        let real: Vec<&str> = token.split('.').collect();
+        parts[0] = real[0];
+        assert_eq!(
+            v.verify(&parts.join("."), None),
+            Err(TokenError::BadSignature)
+        );
+        // Unknown key id.
+        assert!(matches!(
+            v.verify(&forged, None),
+            Err(TokenError::UnknownKeyId(_))
+        ));
+        // alg: none.
+        let none_header = URL_SAFE_NO_PAD.encode(br#"{"alg":"none","typ":"JWT"}"#);
+        let unsigned = format!("{none_header}.{}.", real[1]);
+        assert_eq!(
+            v.verify(&unsigned, None),
+            Err(TokenError::UnsupportedAlgorithm("none".into()))
+        );
+        // Wrong issuer.
+        let foreign =
+            TokenIssuer::new(&SigningKey::from_bytes(&[3; 32]), "someone-else").expect("issuer");
+        let (t, _) = foreign.issue(&request(60, &[])).expect("issue");
+        assert_eq!(v.verify(&t, None), Err(TokenError::WrongIssuer));
+        // Garbage.
+        assert!(matches!(
+            v.verify("a.b.c", None),
+            Err(TokenError::Malformed(_))
+        ));
+        assert!(matches!(v.verify("", None), Err(TokenError::Malformed(_))));
+    }
+
+    #[test]
+    fn time_window_is_enforced() {
+        let i = issuer();
+        let mut v = i.verifier();
+        v.leeway = Duration::ZERO;
+        let sign = |claims: &Claims| {
+            let key = SigningKey::from_bytes(&[3; 32]);
+            let der = key.to_pkcs8_der().expect("der");
+            let mut h = Header::new(Algorithm::EdDSA);
+            h.kid = Some(key_id(&key.verifying_key()));
+            jsonwebtoken::encode(&h, claims, &EncodingKey::from_ed_der(der.as_bytes()))
+                .expect("encode")
+        };
+        let (_, mut claims) = i.issue(&request(60, &[])).expect("issue");
+        claims.exp = now_secs() - 10;
+        assert_eq!(v.verify(&sign(&claims), None), Err(TokenError::Expired));
+        claims.exp = now_secs() + 600;
+        claims.nbf = now_secs() + 300;
+        assert_eq!(v.verify(&sign(&claims), None), Err(TokenError::NotYetValid));
+    }
+
+    #[test]
+    fn bearer_header_is_required() {
+        let mut md = tonic::metadata::MetadataMap::new();
+        assert_eq!(
+            bearer_token(&md).expect_err("none").code(),
+            tonic::Code::Unauthenticated
+        );
+        md.insert("authorization", "Basic x".parse().expect("value"));
+        assert!(bearer_token(&md).is_err());
+        md.insert("authorization", "Bearer abc".parse().expect("value"));
+        assert_eq!(bearer_token(&md).expect("bearer"), "abc");
+    }
+}
