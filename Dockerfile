@@ -29,6 +29,8 @@ FROM rust:${RUST_VERSION}-${DEBIAN_RELEASE} AS builder
 
 # The rust image already has gcc/cc and make. libclang is for bindgen (pg_query); protoc is
 # vendored by the build (protoc-bin-vendored), so no protobuf-compiler.
+# Unpinned on purpose: bookworm only ever ships security fixes, and pinned versions vanish.
+# hadolint ignore=DL3008
 RUN apt-get update \
  && apt-get install -y --no-install-recommends libclang-dev \
  && rm -rf /var/lib/apt/lists/*
@@ -57,6 +59,7 @@ RUN --mount=type=cache,id=agentgate-cargo-registry,target=/usr/local/cargo/regis
 FROM debian:${DEBIAN_RELEASE}-slim AS runtime
 
 # ca-certificates: TLS to Postgres, OTLP collectors, OIDC issuers. Nothing else is needed.
+# hadolint ignore=DL3008
 RUN apt-get update \
  && apt-get install -y --no-install-recommends ca-certificates \
  && rm -rf /var/lib/apt/lists/*
@@ -94,7 +97,10 @@ ENTRYPOINT ["/usr/local/bin/agentgate-audit-store"]
 # ---------------------------------------------------------------------------------------------
 # The CLI: operator commands (`agentgate audit verify BUNDLE`, `agentgate dev certs`, ...) and
 # `agentgate up`, every service in one process. Last stage, so it is the default target.
+# The default command keeps its data in /var/lib/agentgate (not under $HOME) and, with no
+# --config, listens on loopback only: pass `up --config FILE --data-dir /var/lib/agentgate`
+# with non-loopback listen addresses to serve other containers.
 FROM runtime AS agentgate
 COPY --from=builder /out/agentgate /usr/local/bin/agentgate
 ENTRYPOINT ["/usr/local/bin/agentgate"]
-CMD ["up"]
+CMD ["up", "--data-dir", "/var/lib/agentgate"]

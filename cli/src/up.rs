@@ -39,7 +39,7 @@ fn default_data_dir() -> PathBuf {
 }
 
 pub async fn run(args: UpArgs) -> anyhow::Result<()> {
-    let config: GatewayConfig = agentgate_config::load(args.config.as_deref(), "AGENTGATE")?;
+    let config: GatewayConfig = agentgate_config::load(args.config.as_deref(), "AGENTGATE", &["data_dir"])?;
     let _telemetry = agentgate_telemetry::init("agentgate", &config.telemetry)?;
     let data_dir = args
         .data_dir

@@ -352,3 +352,129 @@ pub fn workspace_binary(name: &str) -> anyhow::Result<PathBuf> {
     }
     Ok(path)
 }
+
+/// The token issuer the approvals tests sign with (a fixed test key, issuer "agentgate").
+pub fn test_token_issuer() -> agentgate_identity::TokenIssuer {
+    // A fixed key: tests and the processes they start agree on it without sharing files.
+    agentgate_identity::TokenIssuer::new(
+        &ed25519_dalek::SigningKey::from_bytes(&[42; 32]),
+        "agentgate",
+    )
+    .expect("a fixed Ed25519 key is valid")
+}
+
+/// A signed token for a principal, valid for an hour.
+pub fn test_token(
+    issuer: &agentgate_identity::TokenIssuer,
+    subject: &str,
+    kind: agentgate_proto::common::v1::PrincipalKind,
+    groups: &[&str],
+) -> anyhow::Result<String> {
+    let (token, _) = issuer
+        .issue(&agentgate_identity::TokenRequest {
+            subject: subject.to_owned(),
+            kind,
+            groups: groups.iter().map(|g| g.to_string()).collect(),
+            audience: Vec::new(),
+            ttl: Duration::from_secs(3600),
+        })
+        .map_err(|e| anyhow::anyhow!("issuing a test token: {e}"))?;
+    Ok(token)
+}
+
+/// `msg` as a gRPC request carrying `authorization: Bearer <token>`.
+pub fn bearer<T>(token: &str, msg: T) -> tonic::Request<T> {
+    let mut req = tonic::Request::new(msg);
+    if let Ok(value) = format!("Bearer {token}").parse() {
+        req.metadata_mut().insert("authorization", value);
+    }
+    req
+}
+
+/// An approvals service served in-process on a free port, trusting [`test_token_issuer`].
+/// Give several fixtures the same `database_url` (Postgres) to run several instances.
+pub struct ApprovalsFixture {
+    pub running: Option<agentgate_approvals::RunningApprovals>,
+    pub config: agentgate_approvals::ApprovalsConfig,
+    pub data_dir: tempfile::TempDir,
+    pub issuer: agentgate_identity::TokenIssuer,
+}
+
+impl ApprovalsFixture {
+    /// Starts with `config` as given, except `listen` (a free port) and, when unset,
+    /// `database_url` (SQLite in a fresh data directory) and `audit.endpoint` (a port where
+    /// nothing listens: events stay in the spool).
+    pub async fn start(mut config: agentgate_approvals::ApprovalsConfig) -> anyhow::Result<Self> {
+        let data_dir = tempfile::Builder::new()
+            .prefix("agentgate-approvals-")
+            .tempdir()?;
+        config.listen = SocketAddr::from(([127, 0, 0, 1], free_port()?));
+        if config.database_url.is_none() {
+            config.database_url = Some(format!(
+                "sqlite://{}",
+                data_dir.path().join("approvals.db").display()
+            ));
+        }
+        if config.audit.endpoint == agentgate_approvals::AuditConfig::default().endpoint {
+            config.audit.endpoint = format!("http://127.0.0.1:{}", free_port()?);
+        }
+        let issuer = test_token_issuer();
+        let running = agentgate_approvals::start(
+            &config,
+            data_dir.path(),
+            std::sync::Arc::new(issuer.verifier()),
+            None,
+        )
+        .await?;
+        Ok(ApprovalsFixture {
+            running: Some(running),
+            config,
+            data_dir,
+            issuer,
+        })
+    }
+
+    /// The service's gRPC address as a URL.
+    pub fn endpoint(&self) -> String {
+        format!("http://{}", self.config.listen)
+    }
+
+    /// A token for `subject` of `kind` in `groups`.
+    pub fn token(
+        &self,
+        subject: &str,
+        kind: agentgate_proto::common::v1::PrincipalKind,
+        groups: &[&str],
+    ) -> anyhow::Result<String> {
+        test_token(&self.issuer, subject, kind, groups)
+    }
+
+    /// A connected gRPC client (send requests with [`bearer`]).
+    pub async fn client(
+        &self,
+    ) -> anyhow::Result<
+        agentgate_proto::approvals::v1::approvals_client::ApprovalsClient<
+            tonic::transport::Channel,
+        >,
+    > {
+        Ok(
+            agentgate_proto::approvals::v1::approvals_client::ApprovalsClient::connect(
+                self.endpoint(),
+            )
+            .await?,
+        )
+    }
+
+    /// The running service.
+    pub fn running(&self) -> anyhow::Result<&agentgate_approvals::RunningApprovals> {
+        self.running.as_ref().context("the approvals service is stopped")
+    }
+
+    /// Stops the service (the database stays).
+    pub async fn stop(&mut self) -> anyhow::Result<()> {
+        if let Some(r) = self.running.take() {
+            r.shutdown().await?;
+        }
+        Ok(())
+    }
+}

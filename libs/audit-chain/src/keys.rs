@@ -2,7 +2,7 @@
 
 use std::path::{Path, PathBuf};
 
-use ed25519_dalek::pkcs8::{DecodePrivateKey, EncodePrivateKey, spki::der::pem::LineEnding};
+use ed25519_dalek::pkcs8::{DecodePrivateKey, EncodePrivateKey, KeypairBytes, spki::der::pem::LineEnding};
 use ed25519_dalek::{SigningKey, VerifyingKey};
 use sha2::{Digest, Sha256};
 
@@ -39,7 +39,12 @@ impl SigningKeyFile {
                 let mut seed = [0u8; 32];
                 rand::fill(&mut seed);
                 let key = SigningKey::from_bytes(&seed);
-                let pem = key
+                // PKCS#8 v1 (no public key inside): what OpenSSL 3.0 and most tools read.
+                let v1 = KeypairBytes {
+                    secret_key: key.to_bytes(),
+                    public_key: None,
+                };
+                let pem = v1
                     .to_pkcs8_pem(LineEnding::LF)
                     .map_err(|e| KeyError::Format {
                         path: path.to_owned(),
@@ -90,6 +95,22 @@ mod tests {
             use std::os::unix::fs::PermissionsExt as _;
             let mode = std::fs::metadata(&path).expect("meta").permissions().mode();
             assert_eq!(mode & 0o777, 0o600);
+        }
+    }
+
+    #[test]
+    fn key_file_is_pkcs8_v1_for_common_tools() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("k.pem");
+        SigningKeyFile::load_or_generate(&path).expect("generate");
+        let out = std::process::Command::new("openssl")
+            .args(["pkey", "-in"])
+            .arg(&path)
+            .args(["-noout", "-text"])
+            .output();
+        // Where openssl is installed, it must read the key.
+        if let Ok(out) = out {
+            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
         }
     }
 

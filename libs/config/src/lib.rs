@@ -26,8 +26,10 @@ pub enum ConfigError {
 
 /// Loads `T` from its defaults, an optional TOML file, and `PREFIX_*` environment variables.
 ///
-/// `env_prefix` is given without the trailing underscore (e.g. `"AGENTGATE"`).
-pub fn load<T>(file: Option<&Path>, env_prefix: &str) -> Result<T, ConfigError>
+/// `env_prefix` is given without the trailing underscore (e.g. `"AGENTGATE"`);
+/// `top_level` names the top-level keys that may come from the environment (e.g.
+/// `["data_dir"]` for `AGENTGATE_DATA_DIR`); nested keys always may.
+pub fn load<T>(file: Option<&Path>, env_prefix: &str, top_level: &[&str]) -> Result<T, ConfigError>
 where
     T: DeserializeOwned + Serialize + Default,
 {
@@ -42,7 +44,15 @@ where
         }
         figment = figment.merge(Toml::file_exact(path));
     }
-    figment = figment.merge(Env::prefixed(&format!("{env_prefix}_")).split("__"));
+    // Only nested keys (`PREFIX_TABLE__KEY`) and the few top-level keys named come from the
+    // environment, so other `PREFIX_*` variables (a CLI's own, Kubernetes service links) are
+    // not mistaken for configuration.
+    let top_level: Vec<String> = top_level.iter().map(|k| k.to_ascii_lowercase()).collect();
+    figment = figment.merge(
+        Env::prefixed(&format!("{env_prefix}_"))
+            .filter(move |k| k.as_str().contains("__") || top_level.iter().any(|t| t.eq_ignore_ascii_case(k.as_str())))
+            .split("__"),
+    );
     figment
         .extract()
         .map_err(|e| ConfigError::Invalid(describe(e)))
@@ -100,7 +110,8 @@ mod tests {
         figment::Jail::expect_with(|jail| {
             jail.set_env("AGCFGTEST_PORT", "7");
             jail.set_env("AGCFGTEST_NESTED__URL", "y");
-            let s: Sample = load(Some(&path), "AGCFGTEST").expect("load");
+            jail.set_env("AGCFGTEST_UNRELATED", "ignored");
+            let s: Sample = load(Some(&path), "AGCFGTEST", &["port"]).expect("load");
             assert_eq!(s.name, "a");
             assert_eq!(s.port, 7);
             assert_eq!(s.nested.url.as_deref(), Some("y"));
@@ -113,7 +124,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("c.toml");
         std::fs::write(&path, "port = \"not a number\"\n").expect("write");
-        let err = load::<Sample>(Some(&path), "AGCFGTEST2").expect_err("must fail");
+        let err = load::<Sample>(Some(&path), "AGCFGTEST2", &[]).expect_err("must fail");
         let msg = err.to_string();
         assert!(msg.contains("`port`"), "{msg}");
         assert!(msg.contains("c.toml"), "{msg}");
@@ -121,7 +132,7 @@ mod tests {
 
     #[test]
     fn missing_file_is_an_error() {
-        let err = load::<Sample>(Some(Path::new("/nonexistent/x.toml")), "AGCFGTEST3")
+        let err = load::<Sample>(Some(Path::new("/nonexistent/x.toml")), "AGCFGTEST3", &[])
             .expect_err("must fail");
         assert!(err.to_string().contains("/nonexistent/x.toml"));
     }

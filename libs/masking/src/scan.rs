@@ -143,14 +143,16 @@ impl Scanner {
             };
         }
         let mut class_next: Option<usize> = None; // cached next single-byte anchor >= pos
+        let mut class_done = false; // no single-byte anchor left before `limit`
         let mut lit_next: Option<(usize, usize)> = None; // cached next literal >= pos
         let mut lit_done = self.ac.is_none(); // no literal left before `limit`
         loop {
             if pos >= limit {
                 break;
             }
-            if class_next.is_none_or(|c| c < pos) {
+            if !class_done && class_next.is_none_or(|c| c < pos) {
                 class_next = self.next_class_anchor(hay, pos, limit);
+                class_done = class_next.is_none();
             }
             if !lit_done && lit_next.is_none_or(|(p, _)| p < pos) {
                 lit_next = self.next_literal(b, pos, limit);

@@ -106,7 +106,7 @@ fn partial_keeps_the_useful_part_by_format() {
         (" ann@example.com ", " ***@example.com "),
         ("ghp_abcdefghijklmnopqrstuvwxyz0123456789", "ghp_****"),
         ("Jane Doe", "**** ***"),
-        ("Jane Q. Public", "**** *. ***lic"),
+        ("Jane Q. Public", "**** *. ****ic"),
         ("short", "*****"),
         ("", ""),
     ];

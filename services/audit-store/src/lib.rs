@@ -86,6 +86,17 @@ pub async fn start(
     let key_path = config.signing_key_path(data_dir);
     let key = Arc::new(SigningKeyFile::load_or_generate(&key_path)?);
     let public_key = key.verifying_key();
+    // A lost key file must not be silently replaced: the chain would stop verifying.
+    if let Some(last) = store.checkpoints().await?.last()
+        && last.key_id != agentgate_audit_chain::key_id(&public_key)
+    {
+        anyhow::bail!(
+            "signing key {} (key {}) did not sign this store's checkpoints (key {}): restore the original key file or point audit_store.signing_key at it",
+            key_path.display(),
+            agentgate_audit_chain::key_id(&public_key),
+            last.key_id
+        );
+    }
 
     let store_metrics = StoreMetrics::default();
     if let Some(m) = metrics {

@@ -90,8 +90,10 @@ impl PgStore {
         key: &SigningKey,
         checkpoint_every: u64,
     ) -> Result<Vec<AppendOutcome>, StoreError> {
+        let t0 = std::time::Instant::now();
         let mut tx = self.locked().await?;
         let (head, last_cp) = Self::head_in(&mut tx).await?;
+        let t1 = t0.elapsed();
 
         let (ids, seqs): (Vec<String>, Vec<i64>) = Plan::keys(&batches).into_iter().unzip();
         let existing: HashSet<(String, i64)> = sqlx::query_as(

@@ -1,0 +1,162 @@
+//! Bad input: invalid UTF-8, huge values and pathological patterns neither panic nor take
+//! more than linear time.
+//!
+//! Time is measured as on-CPU time of the test thread (from /proc/thread-self/schedstat
+//! where available), so that a busy shared machine does not fail the linearity checks. The
+//! check: 8x the input may take at most 24x the time (linear is 8x; quadratic would be 64x).
+
+use std::time::Instant;
+
+use agentgate_masking::{MaskReport, Masker, MaskingConfig};
+
+fn masker() -> Masker {
+    Masker::new(&MaskingConfig::recommended(), None).expect("recommended config")
+}
+
+/// On-CPU nanoseconds of this thread, or wall-clock nanoseconds where schedstat is missing.
+fn now_ns(start: &Instant) -> u64 {
+    std::fs::read_to_string("/proc/thread-self/schedstat")
+        .ok()
+        .and_then(|s| s.split_whitespace().next().and_then(|v| v.parse().ok()))
+        .unwrap_or_else(|| start.elapsed().as_nanos() as u64)
+}
+
+fn repeat_to(unit: &[u8], len: usize) -> Vec<u8> {
+    let mut v = Vec::with_capacity(len + unit.len());
+    while v.len() < len {
+        v.extend_from_slice(unit);
+    }
+    v.truncate(len);
+    v
+}
+
+/// Pathological inputs, each built to a given length.
+fn patterns() -> Vec<(&'static str, Box<dyn Fn(usize) -> Vec<u8>>)> {
+    fn prefixed(prefix: &'static [u8], unit: &'static [u8]) -> Box<dyn Fn(usize) -> Vec<u8>> {
+        Box::new(move |n| {
+            let mut v = prefix.to_vec();
+            v.extend_from_slice(&repeat_to(unit, n.saturating_sub(prefix.len())));
+            v
+        })
+    }
+    fn rep(unit: &'static [u8]) -> Box<dyn Fn(usize) -> Vec<u8>> {
+        Box::new(move |n| repeat_to(unit, n))
+    }
+    vec![
+        ("digit run", rep(b"1")),
+        ("short numbers", rep(b"1 ")),
+        ("card-like groups", rep(b"4111 ")),
+        ("ssn-like", rep(b"123-45-")),
+        ("phone-like", rep(b"+1 (415) 555-")),
+        ("dotted quads", rep(b"1.1.1.1.")),
+        ("at flood", rep(b"@")),
+        ("a@ flood", rep(b"a@")),
+        ("long local part", prefixed(b"", b"abcdefgh")),
+        ("domain chain", prefixed(b"a@", b"b.")),
+        ("colon flood", rep(b":")),
+        ("hex colons", rep(b"1:")),
+        ("double colons", rep(b"a::")),
+        ("url authority", prefixed(b"postgres://", b"a:")),
+        ("AKIA flood", rep(b"AKIA")),
+        ("endless token", prefixed(b"ghp_", b"a")),
+        ("eyJ flood", rep(b"eyJ")),
+        ("endless jwt", prefixed(b"eyJhbGciOiJIUzI1NiJ9.eyJ", b"a")),
+        ("BEGIN flood", rep(b"-----BEGIN ")),
+        ("endless key", prefixed(b"-----BEGIN PRIVATE KEY-----\n", b"QUJD\n")),
+        ("IBAN-like", rep(b"DE89 ")),
+        ("invalid utf-8", rep(b"\xff\xfe\xc3\x28\xa0\xa1\xe2\x82")),
+        (
+            "random bytes",
+            Box::new(|n| {
+                let mut x = 0x2545_f491_4f6c_dd1du64;
+                (0..n)
+                    .map(|_| {
+                        x ^= x << 13;
+                        x ^= x >> 7;
+                        x ^= x << 17;
+                        (x >> 24) as u8
+                    })
+                    .collect()
+            }),
+        ),
+    ]
+}
+
+#[test]
+fn pathological_inputs_are_linear_and_do_not_panic() {
+    let m = masker();
+    let small = 1 << 20;
+    let mut failures = Vec::new();
+    for (name, make) in patterns() {
+        let mut times = [0u64; 2];
+        for (i, n) in [small, 8 * small].into_iter().enumerate() {
+            let input = make(n);
+            let start = Instant::now();
+            let t0 = now_ns(&start);
+            let mut r = MaskReport::new();
+            let out = m.mask_bytes(&input, &mut r);
+            std::hint::black_box(out.len());
+            times[i] = now_ns(&start).saturating_sub(t0).max(1);
+        }
+        let ratio = times[1] as f64 / times[0] as f64;
+        println!("{name:18} 1 MiB {:>7.1} ms, 8 MiB {:>7.1} ms, ratio {ratio:.1}", times[0] as f64 / 1e6, times[1] as f64 / 1e6);
+        // tiny times are noise; only judge ratios of measurable work
+        if ratio > 24.0 && times[1] > 50_000_000 {
+            failures.push(format!("{name}: 8x input took {ratio:.1}x time"));
+        }
+    }
+    assert!(failures.is_empty(), "super-linear: {failures:?}");
+}
+
+#[test]
+fn huge_value_of_50_mb() {
+    let m = masker();
+    let mut input = Vec::with_capacity(50 << 20);
+    let segment = 50 << 20 >> 4;
+    let mut i = 0;
+    let pats = patterns();
+    while input.len() < 50 << 20 {
+        input.extend_from_slice(&(pats[i % pats.len()].1)(segment));
+        input.extend_from_slice(b" alice@example.com 4111 1111 1111 1111 ");
+        i += 1;
+    }
+    let mut r = MaskReport::new();
+    let out = m.mask_bytes(&input, &mut r);
+    assert!(r.count("detector:email") >= 16);
+    assert!(r.count("detector:payment_card") >= 16);
+    assert!(!out.windows(17).any(|w| w == b"alice@example.com"));
+}
+
+#[test]
+fn pathological_streams_equal_whole_values() {
+    let m = masker();
+    for (name, make) in patterns() {
+        let input = make(64 << 10);
+        let mut r = MaskReport::new();
+        let whole = m.mask_bytes(&input, &mut r).into_owned();
+        for chunk in [1usize, 7, 4096] {
+            let mut s = m.stream();
+            let mut out = Vec::new();
+            let mut r2 = MaskReport::new();
+            for c in input.chunks(chunk) {
+                s.push(c, &mut out, &mut r2);
+            }
+            s.finish(&mut out, &mut r2);
+            assert!(out == whole, "{name}: stream with {chunk}-byte chunks differs");
+            assert_eq!(r2, r, "{name}");
+        }
+    }
+}
+
+#[test]
+fn invalid_utf8_passes_through_around_matches() {
+    let m = masker();
+    let input = b"\xff\xfe bad \xc3( ann@example.com \xe2\x82 4111111111111111\xa0";
+    let mut r = MaskReport::new();
+    let out = m.mask_bytes(input, &mut r);
+    assert_eq!(&out[..], b"\xff\xfe bad \xc3( ***@example.com \xe2\x82 ************1111\xa0" as &[u8]);
+    // text APIs take &str, so their output is valid UTF-8 by type; multibyte characters next
+    // to matches survive
+    let out = m.mask_text("ümlaut→ann@example.com←€4111111111111111€", &mut r);
+    assert_eq!(out, "ümlaut→***@example.com←€************1111€");
+}

@@ -1,0 +1,68 @@
+//! The approvals service as its own process, for docker-compose and Kubernetes.
+//!
+//! `agentgate-approvals [--config FILE]`; every value can also be set by environment
+//! variable (`AGENTGATE_APPROVALS__DATABASE_URL`, ...). Tokens are verified with the public
+//! keys named in `[approvals.auth]`. See docs/approvals.md.
+
+use std::path::PathBuf;
+
+use anyhow::Context as _;
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(default)]
+struct FileConfig {
+    data_dir: Option<PathBuf>,
+    telemetry: agentgate_telemetry::TelemetryConfig,
+    approvals: agentgate_approvals::ApprovalsConfig,
+}
+
+#[tokio::main]
+async fn main() {
+    if let Err(e) = run().await {
+        eprintln!("agentgate-approvals: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+async fn run() -> anyhow::Result<()> {
+    agentgate_tls::install_crypto_provider();
+    let mut args = std::env::args().skip(1);
+    let config_path = match (args.next().as_deref(), args.next()) {
+        (Some("--config"), Some(path)) => Some(PathBuf::from(path)),
+        (None, _) => None,
+        _ => anyhow::bail!("usage: agentgate-approvals [--config FILE]"),
+    };
+    let config: FileConfig = agentgate_config::load(config_path.as_deref(), "AGENTGATE", &["data_dir"])?;
+    let _telemetry = agentgate_telemetry::init("approvals", &config.telemetry)?;
+    let data_dir = config
+        .data_dir
+        .unwrap_or_else(|| PathBuf::from("/var/lib/agentgate"));
+    let authenticator = agentgate_approvals::authenticator_from_config(&config.approvals.auth)?;
+    let metrics = agentgate_telemetry::Metrics::new("approvals");
+    let mut running =
+        agentgate_approvals::start(&config.approvals, &data_dir, authenticator, Some(&metrics))
+            .await?;
+    if let Some(addr) = config.telemetry.metrics_address {
+        agentgate_telemetry::serve_metrics(addr, metrics, shutdown_signal())
+            .await
+            .with_context(|| format!("metrics endpoint {addr}"))?;
+    }
+    tokio::select! {
+        r = running.wait() => r,
+        _ = shutdown_signal() => running.shutdown().await,
+    }
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+    {
+        Ok(s) => s,
+        Err(_) => return ctrl_c.await.unwrap_or_default(),
+    };
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term.recv() => {}
+    }
+}
