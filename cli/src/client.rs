@@ -31,43 +31,39 @@ pub struct StoreArgs {
 impl StoreArgs {
     /// Connects, or explains in one line why not.
     pub async fn connect(&self) -> anyhow::Result<AuditStoreClient<Channel>> {
-        let uri: http::Uri = self
-            .url
-            .parse()
-            .ok()
-            .filter(|u: &http::Uri| {
-                matches!(u.scheme_str(), Some("http" | "https")) && u.host().is_some()
-            })
-            .with_context(|| {
-                format!(
-                    "audit store URL {:?} is not an http:// or https:// URL",
-                    self.url
-                )
-            })?;
-        let mut endpoint =
-            Endpoint::from(uri.clone()).connect_timeout(std::time::Duration::from_secs(5));
-        if uri.scheme_str() == Some("https") {
-            let tls = agentgate_tls::TlsConfig {
-                cert: self.cert.clone(),
-                key: self.key.clone(),
-                ca: self.ca.clone(),
-            };
-            let host = uri.host().unwrap_or_default();
-            if let Some(tls) = agentgate_tls::grpc_client_tls(&tls, host)? {
-                endpoint = endpoint.tls_config(tls)?;
-            }
-        }
-        let channel = endpoint.connect().await.map_err(|e| {
-            anyhow::anyhow!(
-                "cannot reach the audit store at {}: {} (is it running? `agentgate up` starts it)",
-                self.url,
-                root_cause(&e)
-            )
-        })?;
+        let tls = agentgate_tls::TlsConfig {
+            cert: self.cert.clone(),
+            key: self.key.clone(),
+            ca: self.ca.clone(),
+        };
+        let channel = channel("audit store", &self.url, Some(tls)).await?;
         Ok(AuditStoreClient::new(channel)
             .max_decoding_message_size(64 << 20)
             .max_encoding_message_size(64 << 20))
     }
+}
+
+/// Connects to one of agentgate's services, or explains in one line why not: a URL that is
+/// not http(s), or a service that does not answer.
+pub async fn channel(service: &str, url: &str, tls: Option<agentgate_tls::TlsConfig>) -> anyhow::Result<Channel> {
+    let uri: http::Uri = url
+        .parse()
+        .ok()
+        .filter(|u: &http::Uri| matches!(u.scheme_str(), Some("http" | "https")) && u.host().is_some())
+        .with_context(|| format!("{service} URL {url:?} is not an http:// or https:// URL"))?;
+    let mut endpoint = Endpoint::from(uri.clone()).connect_timeout(std::time::Duration::from_secs(5));
+    if uri.scheme_str() == Some("https")
+        && let Some(tls) = tls
+        && let Some(tls) = agentgate_tls::grpc_client_tls(&tls, uri.host().unwrap_or_default())?
+    {
+        endpoint = endpoint.tls_config(tls)?;
+    }
+    endpoint.connect().await.map_err(|e| {
+        anyhow::anyhow!(
+            "cannot reach the {service} at {url}: {} (is it running? `agentgate up` starts it)",
+            root_cause(&e)
+        )
+    })
 }
 
 fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
@@ -81,7 +77,7 @@ fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
 /// A gRPC error as one line: the status message, with the code when it adds something.
 pub fn status(e: tonic::Status) -> anyhow::Error {
     match e.code() {
-        tonic::Code::Unavailable => anyhow::anyhow!("audit store unavailable: {}", e.message()),
+        tonic::Code::Unavailable => anyhow::anyhow!("service unavailable: {}", e.message()),
         code => anyhow::anyhow!("{} ({code:?})", e.message()),
     }
 }

@@ -3,7 +3,9 @@
 //! The binary only parses arguments and wires things; the services and libraries do the
 //! work. Every failure ends in one line on stderr saying what and where, and exit status 1.
 
+mod approvals;
 mod audit;
+mod authz;
 mod client;
 mod dev;
 mod up;
@@ -27,6 +29,20 @@ enum Command {
     /// Query, verify and export the audit log.
     #[command(subcommand)]
     Audit(audit::AuditCommand),
+    /// Review approval requests: list, show, approve, deny, watch.
+    #[command(subcommand)]
+    Approvals(approvals::ApprovalsCommand),
+    /// Agentgate tokens: issue and revoke (admin).
+    #[command(subcommand)]
+    Token(authz::TokenCommand),
+    /// Just-in-time access: ask for a role on a connection for a while.
+    #[command(subcommand)]
+    Access(authz::AccessCommand),
+    /// Grants: list and revoke.
+    #[command(subcommand)]
+    Grants(authz::GrantsCommand),
+    /// The connection catalog.
+    Connections(authz::AuthzArgs),
     /// Development helpers.
     #[command(subcommand)]
     Dev(DevCommand),
@@ -56,6 +72,11 @@ fn main() {
         match cli.command {
             Command::Up(args) => up::run(args).await,
             Command::Audit(cmd) => audit::run(cmd).await,
+            Command::Approvals(cmd) => approvals::run(cmd).await,
+            Command::Token(cmd) => authz::token(cmd).await,
+            Command::Access(cmd) => authz::access(cmd).await,
+            Command::Grants(cmd) => authz::grants(cmd).await,
+            Command::Connections(args) => authz::connections(args).await,
             Command::Dev(DevCommand::Certs { dir, services }) => dev::certs(&dir, &services),
         }
     });

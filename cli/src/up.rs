@@ -26,9 +26,12 @@ pub struct GatewayConfig {
     pub data_dir: Option<PathBuf>,
     pub telemetry: agentgate_telemetry::TelemetryConfig,
     pub audit_store: agentgate_audit_store::AuditStoreConfig,
+    pub authz: agentgate_authz::AuthzConfig,
+    pub approvals: agentgate_approvals::ApprovalsConfig,
 }
 
-fn default_data_dir() -> PathBuf {
+/// `$XDG_DATA_HOME/agentgate`, else `~/.local/share/agentgate`.
+pub fn default_data_dir() -> PathBuf {
     if let Some(dir) = std::env::var_os("XDG_DATA_HOME").filter(|d| !d.is_empty()) {
         return PathBuf::from(dir).join("agentgate");
     }
@@ -48,8 +51,25 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     create_private_dir(&data_dir)?;
 
     let metrics = agentgate_telemetry::Metrics::new("agentgate");
-    let audit =
-        agentgate_audit_store::start(&config.audit_store, &data_dir, Some(&metrics)).await?;
+    let audit = agentgate_audit_store::start(&config.audit_store, &data_dir, Some(&metrics)).await?;
+    let scheme = |tls: &agentgate_tls::TlsConfig| if tls.enabled() { "https" } else { "http" };
+    let audit_url = format!("{}://{}", scheme(&config.audit_store.tls), audit.addr);
+
+    // Services in one process find each other at the addresses they bound, unless the
+    // configuration names others.
+    let mut authz_config = config.authz.clone();
+    authz_config.audit_url.get_or_insert_with(|| audit_url.clone());
+    authz_config
+        .approvals_url
+        .get_or_insert_with(|| format!("{}://{}", scheme(&config.approvals.tls), config.approvals.listen));
+    let authz = agentgate_authz::start(&authz_config, &data_dir).await?;
+    let mut approvals_config = config.approvals.clone();
+    if approvals_config.audit.endpoint == agentgate_approvals::config::AuditConfig::default().endpoint {
+        approvals_config.audit.endpoint = audit_url.clone();
+    }
+    let approvals =
+        agentgate_approvals::start(&approvals_config, &data_dir, authz.authenticator(), Some(&metrics)).await?;
+
     let metrics_server = match config.telemetry.metrics_address {
         Some(addr) => Some(
             agentgate_telemetry::serve_metrics(addr, metrics.clone(), std::future::pending())
@@ -61,30 +81,35 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
 
     println!("agentgate is up; data in {}", data_dir.display());
     println!(
-        "  audit-store  {}://{}  ({}, signing key {})",
-        if config.audit_store.tls.enabled() {
-            "https"
-        } else {
-            "http"
-        },
-        audit.addr,
+        "  audit-store  {audit_url}  ({}, signing key {})",
         audit.store.backend(),
         agentgate_audit_chain::key_id(&audit.public_key)
     );
+    println!(
+        "  authz        {}://{}  (admin token in {})",
+        scheme(&authz_config.tls),
+        authz.addr,
+        authz.admin_token_path.display()
+    );
+    println!("  approvals    {}://{}", scheme(&approvals_config.tls), approvals.addr);
     if let Some(m) = &metrics_server {
         println!("  metrics      http://{}/metrics", m.local_addr());
     }
     println!("Press Ctrl-C to stop.");
 
-    let mut audit = audit;
+    let (mut audit, mut authz, mut approvals) = (audit, authz, approvals);
     tokio::select! {
         r = audit.wait() => return r.context("the audit store stopped"),
+        r = authz.wait() => return r.context("authz stopped"),
+        r = approvals.wait() => return r.context("approvals stopped"),
         r = shutdown_signal() => r?,
     }
     println!("stopping");
     if let Some(m) = metrics_server {
         m.abort();
     }
+    approvals.shutdown().await?;
+    authz.shutdown().await?;
     audit.shutdown().await?;
     println!("stopped");
     Ok(())

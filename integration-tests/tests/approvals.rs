@@ -970,9 +970,10 @@ async fn two_instances_on_one_postgres() {
     // once.
     for _ in 0..5 {
         let two = create(&mut ca, &cast.service, on_behalf("prod-db", &["dba"], 2)).await;
+        let (mut xa, mut xb) = (ca.clone(), cb.clone());
         let (x, y) = tokio::join!(
-            review(&mut ca.clone(), &cast.alice, &two.id, Verdict::Approve, "a"),
-            review(&mut cb.clone(), &cast.bob, &two.id, Verdict::Approve, "b"),
+            review(&mut xa, &cast.alice, &two.id, Verdict::Approve, "a"),
+            review(&mut xb, &cast.bob, &two.id, Verdict::Approve, "b"),
         );
         x.unwrap();
         y.unwrap();
@@ -982,9 +983,10 @@ async fn two_instances_on_one_postgres() {
         assert_eq!(done.version, 3);
 
         let same = create(&mut ca, &cast.service, on_behalf("prod-db", &["dba"], 2)).await;
+        let (mut xa, mut xb) = (ca.clone(), cb.clone());
         let (x, y) = tokio::join!(
-            review(&mut ca.clone(), &cast.carol, &same.id, Verdict::Approve, "a"),
-            review(&mut cb.clone(), &cast.carol, &same.id, Verdict::Approve, "b"),
+            review(&mut xa, &cast.carol, &same.id, Verdict::Approve, "a"),
+            review(&mut xb, &cast.carol, &same.id, Verdict::Approve, "b"),
         );
         let codes: Vec<Code> = [&x, &y]
             .iter()

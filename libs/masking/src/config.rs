@@ -139,7 +139,7 @@ pub enum DetectorKind {
     /// PEM and OpenSSH private key blocks, and PGP private key blocks, from the BEGIN line
     /// through the END line.
     PrivateKey,
-    /// AWS access key IDs (`AKIA`, `ASIA` and the other documented prefixes + 16 characters).
+    /// AWS access key IDs (`AKIA`, `ASIA`, `ABIA`, `ACCA` + 16 characters).
     AwsAccessKey,
     /// AWS secret access keys, recognised by the name they are given
     /// (`aws_secret_access_key = …`, `"SecretAccessKey": "…"`); only the 40-character secret

@@ -39,7 +39,8 @@ pub(crate) struct Scanner {
     enabled: [bool; DetectorKind::ALL.len()],
     class: [u8; 256],
     ac: Option<AhoCorasick>,
-    lits: Vec<Lit>,
+    /// Per automaton pattern: its anchor literal and the token formats starting with it.
+    lits: Vec<(&'static str, Vec<Lit>)>,
     /// Longest literal anchor: a stream prefix defers anchors this close to its end.
     max_lit: usize,
     /// Some detector anchored on digits is on.
@@ -87,16 +88,24 @@ impl Scanner {
         if on(DetectorKind::Ipv6) || on(DetectorKind::UrlCredentials) {
             class[b':' as usize] = COLON;
         }
-        let lits: Vec<Lit> = LITS.iter().copied().filter(|l| on(l.kind())).collect();
+        // one automaton pattern per anchor literal, with the token formats it stands for
+        let mut lits: Vec<(&'static str, Vec<Lit>)> = Vec::new();
+        for lit in LITS.iter().copied().filter(|l| on(l.kind())) {
+            let anchor = detect::anchor_of(lit.pattern);
+            match lits.iter_mut().find(|(a, _)| *a == anchor) {
+                Some((_, group)) => group.push(lit),
+                None => lits.push((anchor, vec![lit])),
+            }
+        }
         let ac = if lits.is_empty() {
             None
         } else {
             AhoCorasick::builder()
                 .match_kind(MatchKind::LeftmostFirst)
-                .build(lits.iter().map(|l| l.pattern))
+                .build(lits.iter().map(|(a, _)| *a))
                 .ok()
         };
-        let max_lit = lits.iter().map(|l| l.pattern.len()).max().unwrap_or(1);
+        let max_lit = lits.iter().map(|(a, _)| a.len()).max().unwrap_or(1);
         Scanner {
             enabled,
             class,
@@ -170,7 +179,7 @@ impl Scanner {
                 (Some(c), l) if l.is_none_or(|l| c < l) => (c, self.at_class(hay, c, lo)),
                 (_, Some(l)) => {
                     let id = lit_next.map_or(0, |(_, id)| id);
-                    (l, detect::literal(&hay, l, &self.lits[id]))
+                    (l, self.at_literal(hay, l, id))
                 }
                 (Some(c), None) => (c, self.at_class(hay, c, lo)),
             };
@@ -182,6 +191,7 @@ impl Scanner {
                         lo,
                     };
                 }
+                Ok(Some(m)) if m.veto => pos = m.end.max(a + 1),
                 Ok(Some(m)) => {
                     debug_assert!(m.start >= lo && m.end > m.start);
                     sink(m);
@@ -332,6 +342,19 @@ impl Scanner {
         let ac = self.ac.as_ref()?;
         let m = ac.find(Input::new(b).span(pos..b.len()))?;
         (m.start() < limit).then(|| (m.start(), m.pattern().as_usize()))
+    }
+
+    /// The first token format of the anchor's family whose whole prefix is at `a` decides.
+    fn at_literal(&self, hay: Hay, a: usize, id: usize) -> Decide<Option<Found>> {
+        let Some((_, group)) = self.lits.get(id) else {
+            return Ok(None);
+        };
+        for lit in group {
+            if detect::prefix_at(&hay, a, lit)? {
+                return detect::literal(&hay, a, lit);
+            }
+        }
+        Ok(None)
     }
 
     fn at_class(&self, hay: Hay, a: usize, lo: usize) -> Decide<Option<Found>> {

@@ -1,7 +1,7 @@
 //! Masking byte streams cut at arbitrary points (terminal output, exec streams).
 
 use crate::detect::{Hay, JWT_MAX, MAX_LOCAL, PEM_MAX, REACH};
-use crate::{MaskReport, Masker};
+use crate::{DetectorCounts, MaskReport, Masker};
 
 /// Bytes of already-written input kept for look-behind checks ("is the byte before this card
 /// number a digit?"). Detectors read at most two bytes before a match.
@@ -98,14 +98,16 @@ impl StreamMasker {
         let masker = &self.masker;
         let buf = &self.buf;
         let mut written = self.written;
+        let mut counts = DetectorCounts::default();
         let end = masker
             .inner
             .scanner
             .scan(Hay { b: buf, eof }, self.resume, self.lo, &mut |m| {
                 out.extend_from_slice(&buf[written..m.start]);
-                masker.render_found(m, &buf[m.start..m.end], out, report);
+                masker.render_found(m, &buf[m.start..m.end], out, &mut counts);
                 written = m.end;
             });
+        masker.report_counts(&counts, report);
         let len = buf.len();
         if eof {
             out.extend_from_slice(&buf[written..]);

@@ -30,16 +30,19 @@ fn repeat_to(unit: &[u8], len: usize) -> Vec<u8> {
     v
 }
 
+/// Builds an input of (about) the given length.
+type Maker = Box<dyn Fn(usize) -> Vec<u8>>;
+
 /// Pathological inputs, each built to a given length.
-fn patterns() -> Vec<(&'static str, Box<dyn Fn(usize) -> Vec<u8>>)> {
-    fn prefixed(prefix: &'static [u8], unit: &'static [u8]) -> Box<dyn Fn(usize) -> Vec<u8>> {
+fn patterns() -> Vec<(&'static str, Maker)> {
+    fn prefixed(prefix: &'static [u8], unit: &'static [u8]) -> Maker {
         Box::new(move |n| {
             let mut v = prefix.to_vec();
             v.extend_from_slice(&repeat_to(unit, n.saturating_sub(prefix.len())));
             v
         })
     }
-    fn rep(unit: &'static [u8]) -> Box<dyn Fn(usize) -> Vec<u8>> {
+    fn rep(unit: &'static [u8]) -> Maker {
         Box::new(move |n| repeat_to(unit, n))
     }
     vec![
@@ -62,7 +65,10 @@ fn patterns() -> Vec<(&'static str, Box<dyn Fn(usize) -> Vec<u8>>)> {
         ("eyJ flood", rep(b"eyJ")),
         ("endless jwt", prefixed(b"eyJhbGciOiJIUzI1NiJ9.eyJ", b"a")),
         ("BEGIN flood", rep(b"-----BEGIN ")),
-        ("endless key", prefixed(b"-----BEGIN PRIVATE KEY-----\n", b"QUJD\n")),
+        (
+            "endless key",
+            prefixed(b"-----BEGIN PRIVATE KEY-----\n", b"QUJD\n"),
+        ),
         ("IBAN-like", rep(b"DE89 ")),
         ("invalid utf-8", rep(b"\xff\xfe\xc3\x28\xa0\xa1\xe2\x82")),
         (
@@ -85,7 +91,8 @@ fn patterns() -> Vec<(&'static str, Box<dyn Fn(usize) -> Vec<u8>>)> {
 #[test]
 fn pathological_inputs_are_linear_and_do_not_panic() {
     let m = masker();
-    let small = 1 << 20;
+    // debug builds are ~20x slower than release: 128 KiB and 1 MiB keep the test short
+    let small = 128 << 10;
     let mut failures = Vec::new();
     for (name, make) in patterns() {
         let mut times = [0u64; 2];
@@ -99,9 +106,14 @@ fn pathological_inputs_are_linear_and_do_not_panic() {
             times[i] = now_ns(&start).saturating_sub(t0).max(1);
         }
         let ratio = times[1] as f64 / times[0] as f64;
-        println!("{name:18} 1 MiB {:>7.1} ms, 8 MiB {:>7.1} ms, ratio {ratio:.1}", times[0] as f64 / 1e6, times[1] as f64 / 1e6);
+        println!(
+            "{name:18} {:>5} KiB {:>7.1} ms, 8x {:>7.1} ms, ratio {ratio:.1}",
+            small >> 10,
+            times[0] as f64 / 1e6,
+            times[1] as f64 / 1e6
+        );
         // tiny times are noise; only judge ratios of measurable work
-        if ratio > 24.0 && times[1] > 50_000_000 {
+        if ratio > 24.0 && times[1] > 20_000_000 {
             failures.push(format!("{name}: 8x input took {ratio:.1}x time"));
         }
     }
@@ -117,7 +129,7 @@ fn huge_value_of_50_mb() {
     let pats = patterns();
     while input.len() < 50 << 20 {
         input.extend_from_slice(&(pats[i % pats.len()].1)(segment));
-        input.extend_from_slice(b" alice@example.com 4111 1111 1111 1111 ");
+        input.extend_from_slice(b"\n alice@example.com 4111 1111 1111 1111 \n");
         i += 1;
     }
     let mut r = MaskReport::new();
@@ -131,7 +143,7 @@ fn huge_value_of_50_mb() {
 fn pathological_streams_equal_whole_values() {
     let m = masker();
     for (name, make) in patterns() {
-        let input = make(64 << 10);
+        let input = make(24 << 10);
         let mut r = MaskReport::new();
         let whole = m.mask_bytes(&input, &mut r).into_owned();
         for chunk in [1usize, 7, 4096] {
@@ -142,7 +154,10 @@ fn pathological_streams_equal_whole_values() {
                 s.push(c, &mut out, &mut r2);
             }
             s.finish(&mut out, &mut r2);
-            assert!(out == whole, "{name}: stream with {chunk}-byte chunks differs");
+            assert!(
+                out == whole,
+                "{name}: stream with {chunk}-byte chunks differs"
+            );
             assert_eq!(r2, r, "{name}");
         }
     }
@@ -154,7 +169,10 @@ fn invalid_utf8_passes_through_around_matches() {
     let input = b"\xff\xfe bad \xc3( ann@example.com \xe2\x82 4111111111111111\xa0";
     let mut r = MaskReport::new();
     let out = m.mask_bytes(input, &mut r);
-    assert_eq!(&out[..], b"\xff\xfe bad \xc3( ***@example.com \xe2\x82 ************1111\xa0" as &[u8]);
+    assert_eq!(
+        &out[..],
+        b"\xff\xfe bad \xc3( ***@example.com \xe2\x82 ************1111\xa0" as &[u8]
+    );
     // text APIs take &str, so their output is valid UTF-8 by type; multibyte characters next
     // to matches survive
     let out = m.mask_text("ümlaut→ann@example.com←€4111111111111111€", &mut r);

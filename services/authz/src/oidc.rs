@@ -18,7 +18,7 @@ use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use crate::config::OidcIssuerConfig;
 
 /// Fewest seconds between two JWKS fetches of one issuer.
-const REFRESH_FLOOR: Duration = Duration::from_secs(10);
+const REFRESH_FLOOR: Duration = Duration::from_secs(2);
 /// Largest JWKS document accepted.
 const MAX_JWKS_BYTES: usize = 256 * 1024;
 

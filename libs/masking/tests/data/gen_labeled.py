@@ -445,7 +445,7 @@ def tokens(kind, name, gen, n=8):
         add(kind, TOKEN_CTX[i % len(TOKEN_CTX)].format(name=name, tok=gen(i)))
 
 
-tokens("aws_access_key", "AWS_ACCESS_KEY_ID", lambda i: ["AKIA", "ASIA", "AIDA", "AROA"][i % 4] + rand_str(UPPER_B32, 16))
+tokens("aws_access_key", "AWS_ACCESS_KEY_ID", lambda i: ["AKIA", "ASIA", "ABIA", "ACCA"][i % 4] + rand_str(UPPER_B32, 16))
 add("aws_access_key", "aws_access_key_id = [[AKIAIOSFODNN7EXAMPLE]]")
 for s in [
     "AKIA" + rand_str(UPPER_B32, 15),
@@ -453,6 +453,8 @@ for s in [
     "akia" + rand_str(UPPER_B32, 16).lower(),
     "XAKIA" + rand_str(UPPER_B32, 16),
     "AKIA_TOOL_VERSION=3",
+    "UserId: AIDA" + rand_str(UPPER_B32, 16),  # IAM user ID: an identifier, not a secret
+    "RoleId: AROA" + rand_str(UPPER_B32, 16),  # IAM role ID
 ]:
     add("aws_access_key", s)
 for fmt in [

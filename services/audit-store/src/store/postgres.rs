@@ -108,24 +108,30 @@ impl PgStore {
         .into_iter()
         .collect();
 
+        let t2 = t0.elapsed();
         let plan = Plan::new(batches, &existing, head, now_us());
+        let t3 = t0.elapsed();
         if !plan.rows.is_empty() {
             insert_events(&mut tx, &plan.rows).await?;
+        }
+        let t4 = t0.elapsed();
+        if !plan.rows.is_empty() {
             upsert_sessions(&mut tx, &plan.sessions).await?;
         }
-        let gaps = gaps_in(
-            &mut tx,
-            plan.sessions.iter().map(|s| s.session_id.clone()).collect(),
-        )
-        .await?;
+        let t5 = t0.elapsed();
+        let gaps = gaps_in(&mut tx, plan.sessions.iter().map(|s| s.session_id.clone()).collect()).await?;
+        let t6 = t0.elapsed();
         if checkpoint_due(plan.head.chain_sequence, last_cp, checkpoint_every) {
-            insert_checkpoint(
-                &mut tx,
-                &Checkpoint::sign(key, plan.head.chain_sequence, &plan.head.hash, now_us()),
-            )
-            .await?;
+            insert_checkpoint(&mut tx, &Checkpoint::sign(key, plan.head.chain_sequence, &plan.head.hash, now_us()))
+                .await?;
         }
         tx.commit().await?;
+        let t7 = t0.elapsed();
+        if std::env::var_os("AG_TRACE_APPEND").is_some() {
+            let ms = |d: std::time::Duration| d.as_secs_f64() * 1000.0;
+            eprintln!("TRACE rows={} head={:.1} exist={:.1} plan={:.1} insert={:.1} sessions={:.1} gaps={:.1} cp+commit={:.1} total={:.1}",
+                plan.rows.len(), ms(t1), ms(t2-t1), ms(t3-t2), ms(t4-t3), ms(t5-t4), ms(t6-t5), ms(t7-t6), ms(t7));
+        }
         Ok(plan.with_gaps(&gaps))
     }
 
