@@ -210,10 +210,13 @@ pub async fn run(cmd: ApprovalsCommand) -> anyhow::Result<()> {
                     println!("{}", request_json(r));
                 }
             } else if list.requests.is_empty() {
-                println!("no {}requests", match state {
-                    StateArg::All => String::new(),
-                    s => format!("{} ", state_name(State::from(s)).to_lowercase()),
-                });
+                println!(
+                    "no {}requests",
+                    match state {
+                        StateArg::All => String::new(),
+                        s => format!("{} ", state_name(State::from(s)).to_lowercase()),
+                    }
+                );
             } else {
                 let now = SystemTime::now();
                 for r in &list.requests {
@@ -313,7 +316,11 @@ async fn decide(
             approvals(&r),
             r.approvals_required
         ),
-        State::Denied => println!("denied {}: {} may not {what}", r.id, subject(r.requester.as_ref())),
+        State::Denied => println!(
+            "denied {}: {} may not {what}",
+            r.id,
+            subject(r.requester.as_ref())
+        ),
         State::Pending => println!(
             "recorded your approval of {}: {} of {} approvals, still PENDING",
             r.id,
@@ -383,6 +390,7 @@ fn human(d: Duration) -> String {
     let (days, hours, mins, s) = (secs / 86400, secs / 3600 % 24, secs / 60 % 60, secs % 60);
     match (days, hours, mins) {
         (0, 0, 0) => format!("{s}s"),
+        (0, 0, m) if s == 0 => format!("{m}m"),
         (0, 0, m) => format!("{m}m {s}s"),
         (0, h, m) => format!("{h}h {m}m"),
         (d, h, _) => format!("{d}d {h}h"),
@@ -475,7 +483,7 @@ fn watch_line(r: &ApprovalRequest) -> String {
         )
     });
     format!(
-        "{}  {}  {:<9}  {}/{} approvals  {} asks to {}{}",
+        "{}  {}  {:<9}  {}/{} approvals  {}: {}{}",
         humantime::format_rfc3339_seconds(SystemTime::now()),
         r.id,
         state_name(state_of(r)),
@@ -486,7 +494,11 @@ fn watch_line(r: &ApprovalRequest) -> String {
         if r.state == State::Pending as i32 {
             last_review.unwrap_or_default()
         } else {
-            decided_by(r)
+            format!(
+                "; {}{}",
+                state_name(state_of(r)).to_lowercase(),
+                decided_by(r)
+            )
         }
     )
 }
@@ -533,7 +545,11 @@ fn details(r: &ApprovalRequest, now: SystemTime) -> String {
     let _ = writeln!(o, "State       {status}");
     if let Some(p) = &r.requester {
         let kind = agentgate_proto::common::v1::PrincipalKind::try_from(p.kind)
-            .map(|k| k.as_str_name().trim_start_matches("PRINCIPAL_KIND_").to_lowercase())
+            .map(|k| {
+                k.as_str_name()
+                    .trim_start_matches("PRINCIPAL_KIND_")
+                    .to_lowercase()
+            })
             .unwrap_or_default();
         let groups = if p.groups.is_empty() {
             String::new()
@@ -596,7 +612,11 @@ fn details(r: &ApprovalRequest, now: SystemTime) -> String {
         let _ = writeln!(
             o,
             "{}{} {} at {} from {}{}",
-            if i == 0 { "Reviews     " } else { "            " },
+            if i == 0 {
+                "Reviews     "
+            } else {
+                "            "
+            },
             subject(v.reviewer.as_ref()),
             if v.verdict == Verdict::Deny as i32 {
                 "DENIED"
@@ -647,6 +667,7 @@ mod tests {
     fn durations_read_like_people_say_them() {
         assert_eq!(human(Duration::from_secs(5)), "5s");
         assert_eq!(human(Duration::from_secs(192)), "3m 12s");
+        assert_eq!(human(Duration::from_secs(1800)), "30m");
         assert_eq!(human(Duration::from_secs(3 * 3600 + 120)), "3h 2m");
         assert_eq!(human(Duration::from_secs(2 * 86400 + 3600)), "2d 1h");
     }

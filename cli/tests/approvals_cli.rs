@@ -93,7 +93,9 @@ async fn a_reviewer_lists_shows_decides_and_watches() {
     let alice = fx
         .token("human:alice", PrincipalKind::Human, &["approvers"])
         .unwrap();
-    let eve = fx.token("human:eve", PrincipalKind::Human, &["devs"]).unwrap();
+    let eve = fx
+        .token("human:eve", PrincipalKind::Human, &["devs"])
+        .unwrap();
     let mut c = fx.client().await.unwrap();
     let statement = "DELETE FROM users\n WHERE email LIKE '%@test.example'";
     let r = c
@@ -130,10 +132,7 @@ async fn a_reviewer_lists_shows_decides_and_watches() {
         .into_inner();
 
     // list: who asks, for what, where, the risk, how long it has been waiting.
-    let out = assert_ok(
-        &agentgate(&["approvals", "list", "--url", &url, "--token", &alice]).await,
-    );
-    eprintln!("LIST\n{out}");
+    let out = assert_ok(&agentgate(&["approvals", "list", "--url", &url, "--token", &alice]).await);
     let lines: Vec<&str> = out.lines().collect();
     assert_eq!(lines.len(), 3, "{out}");
     let line = lines.iter().find(|l| l.contains(&r.id)).unwrap();
@@ -148,13 +147,25 @@ async fn a_reviewer_lists_shows_decides_and_watches() {
         assert!(line.contains(needle), "{needle:?} in {line}");
     }
     let line = lines.iter().find(|l| l.contains(&access.id)).unwrap();
-    assert!(line.contains("access prod-db as admin for 30m 0s"), "{line}");
-    assert!(!out.contains('\x1b'), "control characters are escaped: {out:?}");
+    assert!(line.contains("access prod-db as admin for 30m"), "{line}");
+    assert!(
+        !out.contains('\x1b'),
+        "control characters are escaped: {out:?}"
+    );
     // Someone outside the reviewer groups sees nothing.
     let none = assert_ok(&agentgate(&["approvals", "list", "--url", &url, "--token", &eve]).await);
     assert_eq!(none.trim(), "no pending requests");
     let json = assert_ok(
-        &agentgate(&["approvals", "list", "--json", "--url", &url, "--token", &alice]).await,
+        &agentgate(&[
+            "approvals",
+            "list",
+            "--json",
+            "--url",
+            &url,
+            "--token",
+            &alice,
+        ])
+        .await,
     );
     for l in json.lines() {
         let v: serde_json::Value = serde_json::from_str(l).unwrap();
@@ -165,7 +176,6 @@ async fn a_reviewer_lists_shows_decides_and_watches() {
     let out = assert_ok(
         &agentgate(&["approvals", "show", &r.id, "--url", &url, "--token", &alice]).await,
     );
-    eprintln!("SHOW\n{out}");
     for needle in [
         &format!("Request     {}", r.id),
         "State       PENDING, 0 of 1 approvals; waiting ",
@@ -183,25 +193,55 @@ async fn a_reviewer_lists_shows_decides_and_watches() {
         assert!(out.contains(needle), "{needle:?} in\n{out}");
     }
     let out = assert_ok(
-        &agentgate(&["approvals", "show", &sneaky.id, "--url", &url, "--token", &alice]).await,
+        &agentgate(&[
+            "approvals",
+            "show",
+            &sneaky.id,
+            "--url",
+            &url,
+            "--token",
+            &alice,
+        ])
+        .await,
     );
     assert!(!out.contains('\x1b') && !out.contains('\r'), "{out:?}");
-    assert!(out.contains("\\u{1b}[2K") && out.contains("DROP TABLE users"), "{out}");
+    assert!(
+        out.contains("\\u{1b}[2K") && out.contains("DROP TABLE users"),
+        "{out}"
+    );
 
     // watch ID follows the request until it is decided; approve decides it.
-    let watcher = command(&["approvals", "watch", &r.id, "--url", &url, "--token", &agent])
-        .spawn()
-        .unwrap();
+    let watcher = command(&[
+        "approvals",
+        "watch",
+        &r.id,
+        "--url",
+        &url,
+        "--token",
+        &agent,
+    ])
+    .spawn()
+    .unwrap();
     tokio::time::sleep(Duration::from_millis(500)).await;
     let out = assert_ok(
         &agentgate(&[
-            "approvals", "approve", &r.id, "--comment", "test accounts only", "--url", &url,
-            "--token", &alice,
+            "approvals",
+            "approve",
+            &r.id,
+            "--comment",
+            "test accounts only",
+            "--url",
+            &url,
+            "--token",
+            &alice,
         ])
         .await,
     );
     assert!(
-        out.starts_with(&format!("approved {}: agent:deploy-bot may now run DELETE FROM users", r.id)),
+        out.starts_with(&format!(
+            "approved {}: agent:deploy-bot may now run DELETE FROM users",
+            r.id
+        )),
         "{out}"
     );
     let watched = tokio::time::timeout(Duration::from_secs(10), watcher.wait_with_output())
@@ -209,22 +249,22 @@ async fn a_reviewer_lists_shows_decides_and_watches() {
         .expect("watch ends with the decision")
         .unwrap();
     let out = assert_ok(&watched);
-    eprintln!("WATCH\n{out}");
     let lines: Vec<&str> = out.lines().collect();
     assert_eq!(lines.len(), 2, "{out}");
     assert!(lines[0].contains("PENDING"));
     assert!(
-        lines[1].contains("APPROVED") && lines[1].contains("by human:alice: test accounts only"),
+        lines[1].contains("APPROVED")
+            && lines[1].contains("; approved by human:alice: test accounts only"),
         "{}",
         lines[1]
     );
     let out = assert_ok(
         &agentgate(&["approvals", "show", &r.id, "--url", &url, "--token", &agent]).await,
     );
-    eprintln!("SHOW2\n{out}");
     assert!(out.contains("State       APPROVED at "), "{out}");
     assert!(
-        out.contains("Reviews     human:alice APPROVED at ") && out.contains(": test accounts only"),
+        out.contains("Reviews     human:alice APPROVED at ")
+            && out.contains(": test accounts only"),
         "{out}"
     );
     assert!(!out.contains("To approve"), "{out}");
@@ -234,13 +274,28 @@ async fn a_reviewer_lists_shows_decides_and_watches() {
         &agentgate(&["approvals", "deny", &r.id, "--url", &url, "--token", &alice]).await,
         "a decision is final (FailedPrecondition)",
     );
-    let watcher = command(&["approvals", "watch", &access.id, "--url", &url, "--token", &agent])
-        .spawn()
-        .unwrap();
+    let watcher = command(&[
+        "approvals",
+        "watch",
+        &access.id,
+        "--url",
+        &url,
+        "--token",
+        &agent,
+    ])
+    .spawn()
+    .unwrap();
     tokio::time::sleep(Duration::from_millis(500)).await;
     let out = assert_ok(
         &agentgate(&[
-            "approvals", "deny", &access.id, "-c", "use the read role", "--url", &url, "--token",
+            "approvals",
+            "deny",
+            &access.id,
+            "-c",
+            "use the read role",
+            "--url",
+            &url,
+            "--token",
             &alice,
         ])
         .await,
@@ -260,11 +315,29 @@ async fn a_reviewer_lists_shows_decides_and_watches() {
 
     // Wrong input: each a clear line and exit 1, and nothing changed.
     assert_one_line_error(
-        &agentgate(&["approvals", "approve", &sneaky.id, "--url", &url, "--token", &eve]).await,
+        &agentgate(&[
+            "approvals",
+            "approve",
+            &sneaky.id,
+            "--url",
+            &url,
+            "--token",
+            &eve,
+        ])
+        .await,
         "may not review request",
     );
     assert_one_line_error(
-        &agentgate(&["approvals", "approve", &sneaky.id, "--url", &url, "--token", &agent]).await,
+        &agentgate(&[
+            "approvals",
+            "approve",
+            &sneaky.id,
+            "--url",
+            &url,
+            "--token",
+            &agent,
+        ])
+        .await,
         "cannot review their own request",
     );
     assert_one_line_error(
@@ -272,16 +345,43 @@ async fn a_reviewer_lists_shows_decides_and_watches() {
         "no token: pass --token or set AGENTGATE_TOKEN",
     );
     assert_one_line_error(
-        &agentgate(&["approvals", "show", &sneaky.id, "--url", &url, "--token", "garbage"]).await,
+        &agentgate(&[
+            "approvals",
+            "show",
+            &sneaky.id,
+            "--url",
+            &url,
+            "--token",
+            "garbage",
+        ])
+        .await,
         "token refused",
     );
     let unknown = "01900000-0000-7000-8000-000000000000";
     assert_one_line_error(
-        &agentgate(&["approvals", "show", unknown, "--url", &url, "--token", &alice]).await,
+        &agentgate(&[
+            "approvals",
+            "show",
+            unknown,
+            "--url",
+            &url,
+            "--token",
+            &alice,
+        ])
+        .await,
         &format!("no approval request {unknown} (NotFound)"),
     );
     assert_one_line_error(
-        &agentgate(&["approvals", "approve", "nonsense", "--url", &url, "--token", &alice]).await,
+        &agentgate(&[
+            "approvals",
+            "approve",
+            "nonsense",
+            "--url",
+            &url,
+            "--token",
+            &alice,
+        ])
+        .await,
         "is not an approval request id",
     );
     let port = free_port().unwrap();

@@ -49,15 +49,20 @@ fn assert_one_line_error(o: &Output, needle: &str) {
 struct Up {
     child: tokio::process::Child,
     url: String,
+    authz_url: String,
 }
 
 async fn up(dir: &Path) -> Up {
     let port = free_port().unwrap();
+    let (authz_port, approvals_port) = (free_port().unwrap(), free_port().unwrap());
     let config = dir.join("agentgate.toml");
     std::fs::write(
         &config,
         format!(
-            "data_dir = \"{}\"\n[audit_store]\nlisten = \"127.0.0.1:{port}\"\n",
+            "data_dir = \"{}\"\n[audit_store]\nlisten = \"127.0.0.1:{port}\"\n\
+             [authz]\nlisten = \"127.0.0.1:{authz_port}\"\n[[authz.connections]]\nname = \"prod-db\"\n\
+             protocol = \"postgres\"\nupstream = \"127.0.0.1:5432\"\nroles = {{ read = {{ user = \"agent_ro\" }} }}\n\
+             [approvals]\nlisten = \"127.0.0.1:{approvals_port}\"\n",
             dir.join("data").display()
         ),
     )
@@ -92,6 +97,7 @@ async fn up(dir: &Path) -> Up {
     Up {
         child,
         url: format!("http://127.0.0.1:{port}"),
+        authz_url: format!("http://127.0.0.1:{authz_port}"),
     }
 }
 
@@ -255,6 +261,29 @@ async fn up_then_audit_commands_then_ctrl_c() {
     std::fs::write(&tampered, lines.join("\n")).unwrap();
     let caught = agentgate(&["audit", "verify", tampered.to_str().unwrap()]);
     assert_one_line_error(&caught, "TAMPERED at chain record 2");
+
+    // The bootstrap admin token in the data directory issues tokens; agents use theirs.
+    let data = dir.path().join("data");
+    let data = data.to_str().unwrap();
+    let authz = gw.authz_url.clone();
+    let issued = agentgate(&["token", "issue", "--authz", &authz, "--data-dir", data, "--subject", "agent:deploy-bot", "--ttl", "15m"]);
+    assert!(issued.status.success(), "{}", stderr(&issued));
+    let agent_token = stdout(&issued).trim().to_owned();
+    assert_eq!(agent_token.split('.').count(), 3, "a JWT alone on stdout");
+    assert!(stderr(&issued).contains("token id"), "{}", stderr(&issued));
+    let connections = agentgate(&["connections", "--authz", &authz, "--token", &agent_token]);
+    assert!(stdout(&connections).contains("prod-db"), "{}", stderr(&connections));
+    let grants = agentgate(&["grants", "list", "--authz", &authz, "--token", &agent_token]);
+    assert_eq!(stdout(&grants).trim(), "no grants", "{}", stderr(&grants));
+    // The default policy permits nothing: the request is refused, and says why.
+    let request = agentgate(&[
+        "access", "request", "--authz", &authz, "--token", &agent_token, "--connection", "prod-db", "--role", "read",
+        "--for", "30m", "--reason", "debugging",
+    ]);
+    assert_one_line_error(&request, "policy does not let agent:deploy-bot request read on prod-db");
+    // An agent cannot issue tokens.
+    let not_admin = agentgate(&["token", "issue", "--authz", &authz, "--token", &agent_token, "--subject", "agent:x"]);
+    assert_one_line_error(&not_admin, "not in the admin group");
 
     // Ctrl-C stops it cleanly.
     let pid = nix::unistd::Pid::from_raw(gw.child.id().unwrap() as i32);

@@ -12,9 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use agentgate_approvals::{ApprovalsConfig, WebhookConfig, WebhookFormat};
-use agentgate_integration_tests::{
-    ApprovalsFixture, AuditStoreFixture, Backend, Postgres, bearer,
-};
+use agentgate_integration_tests::{ApprovalsFixture, AuditStoreFixture, Backend, Postgres, bearer};
 use agentgate_proto::approvals::v1::approvals_client::ApprovalsClient;
 use agentgate_proto::approvals::v1::{
     ApprovalRequest, CancelRequest, CreateRequest, GetRequest, ListRequest, RequestKind,
@@ -231,7 +229,12 @@ async fn rules(fx: &ApprovalsFixture) {
     let mut c = fx.client().await.unwrap();
 
     // An agent creates for itself; the defaults decide who reviews and how many.
-    let r = create(&mut c, &cast.agent, operation("prod-db", "DROP TABLE users")).await;
+    let r = create(
+        &mut c,
+        &cast.agent,
+        operation("prod-db", "DROP TABLE users"),
+    )
+    .await;
     assert_eq!(state_of(&r), State::Pending);
     assert_eq!(r.requester.as_ref().unwrap().subject, "agent:deploy-bot");
     assert_eq!(r.reviewer_groups, vec!["approvers".to_string()]);
@@ -308,9 +311,23 @@ async fn rules(fx: &ApprovalsFixture) {
     );
     assert_unchanged(&mut c, &r).await;
 
+    // Only people approve: an agent in the reviewer group cannot.
+    let rogue = fx
+        .token("agent:rogue", PrincipalKind::Agent, &["approvers"])
+        .unwrap();
+    assert_status(
+        review(&mut c, &rogue, &r.id, Verdict::Approve, "trust me").await,
+        Code::PermissionDenied,
+        "approvals are given by people",
+    );
+    assert_unchanged(&mut c, &r).await;
+
     // A requester never approves their own request, even when in the reviewer group.
     let own = create(&mut c, &cast.alice, access("prod-db")).await;
-    assert_eq!(own.requester.as_ref().unwrap().kind, PrincipalKind::Human as i32);
+    assert_eq!(
+        own.requester.as_ref().unwrap().kind,
+        PrincipalKind::Human as i32
+    );
     assert_status(
         review(&mut c, &cast.alice, &own.id, Verdict::Approve, "mine").await,
         Code::PermissionDenied,
@@ -477,7 +494,10 @@ async fn rules(fx: &ApprovalsFixture) {
         },
     )
     .await;
-    assert_eq!(on_stage, vec![other.id.clone(), held.id.clone(), mine.id.clone()]);
+    assert_eq!(
+        on_stage,
+        vec![other.id.clone(), held.id.clone(), mine.id.clone()]
+    );
     let by_other = list(
         &cast.service,
         ListRequest {
@@ -503,13 +523,23 @@ async fn rules(fx: &ApprovalsFixture) {
 async fn bad_input(fx: &ApprovalsFixture) {
     let cast = Cast::new(fx);
     let mut c = fx.client().await.unwrap();
-    let r = create(&mut c, &cast.agent, operation("prod-db", "DROP TABLE users")).await;
+    let r = create(
+        &mut c,
+        &cast.agent,
+        operation("prod-db", "DROP TABLE users"),
+    )
+    .await;
     let unknown = uuid::Uuid::now_v7().to_string();
 
     // Unknown id: NOT_FOUND, for every call that names one.
     assert_status(
-        c.get(bearer(&cast.service, GetRequest { id: unknown.clone() }))
-            .await,
+        c.get(bearer(
+            &cast.service,
+            GetRequest {
+                id: unknown.clone(),
+            },
+        ))
+        .await,
         Code::NotFound,
         &format!("no approval request {unknown}"),
     );
@@ -536,7 +566,14 @@ async fn bad_input(fx: &ApprovalsFixture) {
         "no approval request",
     );
     assert_status(
-        review(&mut c, &cast.alice, "../../etc/passwd", Verdict::Approve, "").await,
+        review(
+            &mut c,
+            &cast.alice,
+            "../../etc/passwd",
+            Verdict::Approve,
+            "",
+        )
+        .await,
         Code::InvalidArgument,
         "is not an approval request id",
     );
@@ -618,8 +655,16 @@ async fn bad_input(fx: &ApprovalsFixture) {
             },
             "kind must be",
         ),
-        (&cast.agent, operation("", "DROP TABLE t"), "connection is required"),
-        (&cast.agent, operation("prod-db", "  "), "operation.text is empty"),
+        (
+            &cast.agent,
+            operation("", "DROP TABLE t"),
+            "connection is required",
+        ),
+        (
+            &cast.agent,
+            operation("prod-db", "  "),
+            "operation.text is empty",
+        ),
         (&cast.agent, huge, "operation.text is 65537 bytes"),
         (
             &cast.agent,
@@ -677,7 +722,14 @@ async fn bad_input(fx: &ApprovalsFixture) {
         "verdict must be",
     );
     assert_status(
-        review(&mut c, &cast.alice, &r.id, Verdict::Approve, &"c".repeat(5000)).await,
+        review(
+            &mut c,
+            &cast.alice,
+            &r.id,
+            Verdict::Approve,
+            &"c".repeat(5000),
+        )
+        .await,
         Code::InvalidArgument,
         "comment must be at most 4096 bytes",
     );
@@ -798,7 +850,11 @@ async fn watch(fx: &ApprovalsFixture) {
         .unwrap();
     assert_eq!(next(&mut one).await.unwrap(), decided);
     assert!(next(&mut one).await.is_none());
-    assert_eq!(next(&mut all).await.unwrap(), decided, "leaving pending is a change");
+    assert_eq!(
+        next(&mut all).await.unwrap(),
+        decided,
+        "leaving pending is a change"
+    );
 
     // A new request reaches the filtered watcher; one on another connection does not.
     create(&mut c, &cast.agent, operation("elsewhere", "DROP TABLE b")).await;
@@ -866,18 +922,24 @@ async fn the_database_refuses_to_change_a_decision() {
     let (fx, pg) = start(Backend::Postgres).await;
     let cast = Cast::new(&fx);
     let mut c = fx.client().await.unwrap();
-    let r = create(&mut c, &cast.agent, operation("prod-db", "DROP TABLE users")).await;
+    let r = create(
+        &mut c,
+        &cast.agent,
+        operation("prod-db", "DROP TABLE users"),
+    )
+    .await;
     review(&mut c, &cast.alice, &r.id, Verdict::Deny, "no")
         .await
         .unwrap();
     use sqlx::Connection as _;
     let url = fx.config.database_url.clone().unwrap();
     let mut conn = sqlx::PgConnection::connect(&url).await.unwrap();
-    let e = sqlx::query("UPDATE approval_requests SET state = 2, version = version + 1 WHERE id = $1")
-        .bind(&r.id)
-        .execute(&mut conn)
-        .await
-        .expect_err("refused");
+    let e =
+        sqlx::query("UPDATE approval_requests SET state = 2, version = version + 1 WHERE id = $1")
+            .bind(&r.id)
+            .execute(&mut conn)
+            .await
+            .expect_err("refused");
     assert!(e.to_string().contains("a decision is final"), "{e}");
     let e = sqlx::query("DELETE FROM approval_requests WHERE id = $1")
         .bind(&r.id)
@@ -898,7 +960,9 @@ async fn two_instances_on_one_postgres() {
         .create_owned_database("approvals", "agentgate_approvals")
         .await
         .unwrap();
-    let audit = AuditStoreFixture::start(Backend::Sqlite, 1000).await.unwrap();
+    let audit = AuditStoreFixture::start(Backend::Sqlite, 1000)
+        .await
+        .unwrap();
     let mut config = base_config();
     config.database_url = Some(url);
     config.audit.endpoint = audit.endpoint();
@@ -909,7 +973,12 @@ async fn two_instances_on_one_postgres() {
     let mut cb = b.client().await.unwrap();
 
     // A watcher on B, a decision through A: B hears it within one second.
-    let r = create(&mut ca, &cast.agent, operation("prod-db", "DROP TABLE users")).await;
+    let r = create(
+        &mut ca,
+        &cast.agent,
+        operation("prod-db", "DROP TABLE users"),
+    )
+    .await;
     let mut on_b = cb
         .watch(bearer(
             &cast.agent,
@@ -1061,14 +1130,21 @@ async fn audit_events(audit: &AuditStoreFixture, session: &str) -> Vec<AuditEven
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_state_change_reaches_the_audit_store() {
-    let audit = AuditStoreFixture::start(Backend::Sqlite, 1000).await.unwrap();
+    let audit = AuditStoreFixture::start(Backend::Sqlite, 1000)
+        .await
+        .unwrap();
     let mut config = base_config();
     config.audit.endpoint = audit.endpoint();
     let fx = ApprovalsFixture::start(config).await.unwrap();
     let cast = Cast::new(&fx);
     let mut c = fx.client().await.unwrap();
 
-    let r = create(&mut c, &cast.agent, operation("prod-db", "DROP TABLE users")).await;
+    let r = create(
+        &mut c,
+        &cast.agent,
+        operation("prod-db", "DROP TABLE users"),
+    )
+    .await;
     review(&mut c, &cast.alice, &r.id, Verdict::Approve, "ok by me")
         .await
         .unwrap();
@@ -1127,15 +1203,57 @@ async fn every_state_change_reaches_the_audit_store() {
     assert_eq!(
         &seen[..9],
         &[
-            s("approval.created", &r.id, "agent:deploy-bot", "pending", "clean up after the migration"),
-            s("approval.review", &r.id, "human:alice", "approved", "ok by me"),
-            s("approval.approved", &r.id, "human:alice", "approved", "ok by me"),
-            s("approval.created", &d.id, "service:authz", "pending", "clean up after the migration"),
+            s(
+                "approval.created",
+                &r.id,
+                "agent:deploy-bot",
+                "pending",
+                "clean up after the migration"
+            ),
+            s(
+                "approval.review",
+                &r.id,
+                "human:alice",
+                "approved",
+                "ok by me"
+            ),
+            s(
+                "approval.approved",
+                &r.id,
+                "human:alice",
+                "approved",
+                "ok by me"
+            ),
+            s(
+                "approval.created",
+                &d.id,
+                "service:authz",
+                "pending",
+                "clean up after the migration"
+            ),
             s("approval.review", &d.id, "human:carol", "denied", "not now"),
             s("approval.denied", &d.id, "human:carol", "denied", "not now"),
-            s("approval.created", &x.id, "agent:deploy-bot", "pending", "incident 4711"),
-            s("approval.cancelled", &x.id, "agent:deploy-bot", "cancelled", "not needed"),
-            s("approval.created", &e.id, "service:authz", "pending", "clean up after the migration"),
+            s(
+                "approval.created",
+                &x.id,
+                "agent:deploy-bot",
+                "pending",
+                "incident 4711"
+            ),
+            s(
+                "approval.cancelled",
+                &x.id,
+                "agent:deploy-bot",
+                "cancelled",
+                "not needed"
+            ),
+            s(
+                "approval.created",
+                &e.id,
+                "service:authz",
+                "pending",
+                "clean up after the migration"
+            ),
         ]
     );
     assert_eq!(
@@ -1148,7 +1266,11 @@ async fn every_state_change_reaches_the_audit_store() {
             &seen[9].4
         )]
     );
-    assert!(seen[9].4.starts_with("expired: not decided by"), "{:?}", seen[9].4);
+    assert!(
+        seen[9].4.starts_with("expired: not decided by"),
+        "{:?}",
+        seen[9].4
+    );
     // Who, when, from where.
     for ev in &events[..8] {
         assert!(ev.source_address.starts_with("127.0.0.1:"), "{ev:?}");
@@ -1156,7 +1278,10 @@ async fn every_state_change_reaches_the_audit_store() {
     }
     assert!(events[9].source_address.is_empty(), "expiry has no caller");
     assert_eq!(events[0].attributes["operation"], "DROP TABLE users");
-    assert_eq!(events[0].attributes["risk_classes"], "sql.ddl,sql.destructive");
+    assert_eq!(
+        events[0].attributes["risk_classes"],
+        "sql.ddl,sql.destructive"
+    );
     assert_eq!(events[3].attributes["requester"], "agent:deploy-bot");
     assert_eq!(events[4].attributes["verdict"], "deny");
 }
@@ -1188,30 +1313,31 @@ async fn receiver(fail_first: usize) -> (SocketAddr, Arc<Mutex<Vec<Hit>>>) {
             };
             let hits = shared.clone();
             tokio::spawn(async move {
-                let service = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
-                    let hits = hits.clone();
-                    async move {
-                        let path = req.uri().path().to_owned();
-                        let headers = req.headers().clone();
-                        let body = req.into_body().collect().await?.to_bytes();
-                        let mut h = hits.lock().unwrap();
-                        let n = h.iter().filter(|x| x.path == path).count();
-                        let status = if n < fail_first { 503 } else { 200 };
-                        h.push(Hit {
-                            path,
-                            headers,
-                            body,
-                            at: Instant::now(),
-                            status,
-                        });
-                        Ok::<_, hyper::Error>(
-                            http::Response::builder()
-                                .status(status)
-                                .body(http_body_util::Full::new(bytes::Bytes::new()))
-                                .unwrap(),
-                        )
-                    }
-                });
+                let service =
+                    hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                        let hits = hits.clone();
+                        async move {
+                            let path = req.uri().path().to_owned();
+                            let headers = req.headers().clone();
+                            let body = req.into_body().collect().await?.to_bytes();
+                            let mut h = hits.lock().unwrap();
+                            let n = h.iter().filter(|x| x.path == path).count();
+                            let status = if n < fail_first { 503 } else { 200 };
+                            h.push(Hit {
+                                path,
+                                headers,
+                                body,
+                                at: Instant::now(),
+                                status,
+                            });
+                            Ok::<_, hyper::Error>(
+                                http::Response::builder()
+                                    .status(status)
+                                    .body(http_body_util::Full::new(bytes::Bytes::new()))
+                                    .unwrap(),
+                            )
+                        }
+                    });
                 let _ = hyper::server::conn::http1::Builder::new()
                     .serve_connection(hyper_util::rt::TokioIo::new(socket), service)
                     .await;
@@ -1267,7 +1393,10 @@ async fn webhooks_are_signed_retried_and_never_block_a_decision() {
     let r = create(
         &mut c,
         &cast.agent,
-        operation("prod-db", "DELETE FROM users WHERE last_login < now() - '2 years'"),
+        operation(
+            "prod-db",
+            "DELETE FROM users WHERE last_login < now() - '2 years'",
+        ),
     )
     .await;
     let decided = review(&mut c, &cast.alice, &r.id, Verdict::Approve, "ok")
@@ -1282,7 +1411,12 @@ async fn webhooks_are_signed_retried_and_never_block_a_decision() {
     // Wait until both events were delivered to both receivers.
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        let delivered = hits.lock().unwrap().iter().filter(|h| h.status == 200).count();
+        let delivered = hits
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|h| h.status == 200)
+            .count();
         if delivered >= 4 {
             break;
         }
@@ -1325,7 +1459,10 @@ async fn webhooks_are_signed_retried_and_never_block_a_decision() {
         let id = h.headers["x-agentgate-delivery"].to_str().unwrap();
         assert_eq!(v["id"], id);
         // Every attempt of this event carried the same body.
-        for attempt in ce.iter().filter(|a| a.headers["x-agentgate-delivery"] == id) {
+        for attempt in ce
+            .iter()
+            .filter(|a| a.headers["x-agentgate-delivery"] == id)
+        {
             assert_eq!(attempt.body, h.body);
         }
         types.push(v["type"].as_str().unwrap().to_owned());
@@ -1338,7 +1475,10 @@ async fn webhooks_are_signed_retried_and_never_block_a_decision() {
     types.sort();
     assert_eq!(
         types,
-        ["dev.agentgate.approval.approved", "dev.agentgate.approval.created"]
+        [
+            "dev.agentgate.approval.approved",
+            "dev.agentgate.approval.created"
+        ]
     );
     // Retried with backoff: the attempts of the first event are spaced 100 ms, then 200 ms.
     let first_id = ce[0].headers["x-agentgate-delivery"].clone();

@@ -576,3 +576,59 @@ async fn workload_token_exchange_with_jwks_refresh() {
         .into_inner();
     assert!(!rotated.token.is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_storage_keeps_revocations_across_restarts() {
+    agentgate_tls::install_crypto_provider();
+    let pg = agentgate_integration_tests::Postgres::start().unwrap();
+    let url = pg.create_owned_database("authz", "agentgate_authz").await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let policy = dir.path().join("policy.cedar");
+    std::fs::write(&policy, POLICY).unwrap();
+    let config = AuthzConfig {
+        listen: SocketAddr::from(([127, 0, 0, 1], free_port().unwrap())),
+        database_url: Some(url),
+        policy: Some(policy),
+        connections: vec![ConnectionConfig {
+            name: "prod-db".into(),
+            protocol: "postgres".into(),
+            upstream: "127.0.0.1:5432".into(),
+            roles: [("read".to_string(), UpstreamConfig { user: "agent_ro".into(), secret: None })].into_iter().collect(),
+            settings: Default::default(),
+        }],
+        ..Default::default()
+    };
+    let authz = agentgate_authz::start(&config, dir.path()).await.unwrap();
+    let admin = std::fs::read_to_string(&authz.admin_token_path).unwrap();
+    let url = format!("http://{}", authz.addr);
+    let mut grpc = AuthzGrpc::connect(url.clone()).await.unwrap();
+    let issued = grpc
+        .issue_token(bearer(&admin, IssueTokenRequest {
+            subject: "agent:deploy-bot".into(),
+            groups: vec!["agents".into()],
+            ttl: Some(prost_types::Duration { seconds: 600, nanos: 0 }),
+            ..Default::default()
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    let proxy = AuthzClient::new(&url, &authz.service_token("pg-proxy", Duration::from_secs(600)).unwrap(), None).unwrap();
+    let open = |proxy: AuthzClient, token: String| async move {
+        proxy
+            .open_session(Credential { kind: Some(Kind::BearerToken(token)) }, "prod-db", "read", Protocol::Postgres, "", ClientInfo::default())
+            .await
+    };
+    assert!(open(proxy.clone(), issued.token.clone()).await.is_ok());
+    grpc.revoke_token(bearer(&admin, RevokeTokenRequest { token_id: issued.token_id.clone(), reason: "test".into() }))
+        .await
+        .unwrap();
+    authz.shutdown().await.unwrap();
+
+    // A new authz on the same database still refuses the revoked token.
+    let authz = agentgate_authz::start(&config, dir.path()).await.unwrap();
+    let proxy = AuthzClient::new(&url, &authz.service_token("pg-proxy", Duration::from_secs(600)).unwrap(), None).unwrap();
+    match open(proxy, issued.token).await {
+        Err(Refused::Unauthenticated(m)) => assert!(m.contains("revoked"), "{m}"),
+        other => panic!("{other:?}"),
+    }
+}

@@ -88,7 +88,10 @@ impl AuditLog {
             attributes.insert("reason".to_owned(), r.reason.clone());
             attributes.insert(
                 "expires_at".to_owned(),
-                r.expires_at.as_ref().map(model::rfc3339).unwrap_or_default(),
+                r.expires_at
+                    .as_ref()
+                    .map(model::rfc3339)
+                    .unwrap_or_default(),
             );
             if let Some(op) = &r.operation {
                 attributes.insert("operation".to_owned(), op.text.clone());

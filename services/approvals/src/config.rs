@@ -123,7 +123,9 @@ impl ApprovalsConfig {
                 ));
             }
             if w.max_attempts == 0 {
-                return Err(format!("approvals.webhooks[{i}].max_attempts must be at least 1"));
+                return Err(format!(
+                    "approvals.webhooks[{i}].max_attempts must be at least 1"
+                ));
             }
         }
         Ok(())
@@ -261,7 +263,12 @@ mod tests {
             webhooks: vec![WebhookConfig::new("ftp://x", WebhookFormat::Slack)],
             ..Default::default()
         };
-        assert!(c.validate().err().unwrap_or_default().contains("webhooks[0]"));
+        assert!(
+            c.validate()
+                .err()
+                .unwrap_or_default()
+                .contains("webhooks[0]")
+        );
     }
 
     #[test]

@@ -127,8 +127,10 @@ pub async fn start(
         .await
         .with_context(|| format!("approvals: LISTEN on {}", redact_url(&url)))?;
 
-    let mut recorder_config =
-        agentgate_recorder::RecorderConfig::new(&config.audit.endpoint, config.spool_path(data_dir));
+    let mut recorder_config = agentgate_recorder::RecorderConfig::new(
+        &config.audit.endpoint,
+        config.spool_path(data_dir),
+    );
     if !config.audit.tls.is_empty() {
         let host = config
             .audit
@@ -209,14 +211,22 @@ fn register_metrics(
 ) {
     let mut registry = m.registry();
     let r = registry.sub_registry_with_prefix("approvals");
-    r.register("requests_created", "Approval requests created", s.created.clone());
+    r.register(
+        "requests_created",
+        "Approval requests created",
+        s.created.clone(),
+    );
     r.register("reviews", "Reviews counted", s.reviews.clone());
     r.register("approved", "Requests approved", s.approved.clone());
     r.register("denied", "Requests denied", s.denied.clone());
     r.register("expired", "Requests expired", s.expired.clone());
     r.register("cancelled", "Requests cancelled", s.cancelled.clone());
     r.register("refused", "Calls refused by the rules", s.refused.clone());
-    r.register("webhooks_delivered", "Webhook notifications delivered", w.delivered.clone());
+    r.register(
+        "webhooks_delivered",
+        "Webhook notifications delivered",
+        w.delivered.clone(),
+    );
     r.register(
         "webhook_failed_attempts",
         "Webhook attempts that failed (retried)",

@@ -33,7 +33,8 @@ async fn run() -> anyhow::Result<()> {
         (None, _) => None,
         _ => anyhow::bail!("usage: agentgate-approvals [--config FILE]"),
     };
-    let config: FileConfig = agentgate_config::load(config_path.as_deref(), "AGENTGATE", &["data_dir"])?;
+    let config: FileConfig =
+        agentgate_config::load(config_path.as_deref(), "AGENTGATE", &["data_dir"])?;
     let _telemetry = agentgate_telemetry::init("approvals", &config.telemetry)?;
     let data_dir = config
         .data_dir
@@ -56,8 +57,7 @@ async fn run() -> anyhow::Result<()> {
 
 async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
-    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-    {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
         Ok(s) => s,
         Err(_) => return ctrl_c.await.unwrap_or_default(),
     };

@@ -87,7 +87,12 @@ fn check_len(field: &str, value: &str, max: usize) -> Result<(), RuleError> {
     Ok(())
 }
 
-fn check_list(field: &str, items: &[String], max_items: usize, max: usize) -> Result<(), RuleError> {
+fn check_list(
+    field: &str,
+    items: &[String],
+    max_items: usize,
+    max: usize,
+) -> Result<(), RuleError> {
     if items.len() > max_items {
         return Err(invalid(format!(
             "{field} has {} entries, more than {max_items}",
@@ -146,7 +151,11 @@ fn check_operation(op: &Operation) -> Result<(), RuleError> {
     }
     for (k, v) in &op.attributes {
         check_len("operation.attributes key", k, MAX_ATTRIBUTE_KEY)?;
-        check_len(&format!("operation.attributes[{k}]"), v, MAX_ATTRIBUTE_VALUE)?;
+        check_len(
+            &format!("operation.attributes[{k}]"),
+            v,
+            MAX_ATTRIBUTE_VALUE,
+        )?;
     }
     Ok(())
 }
@@ -361,7 +370,10 @@ pub fn approvals(r: &ApprovalRequest) -> u32 {
 }
 
 fn requester_subject(r: &ApprovalRequest) -> &str {
-    r.requester.as_ref().map(|p| p.subject.as_str()).unwrap_or("")
+    r.requester
+        .as_ref()
+        .map(|p| p.subject.as_str())
+        .unwrap_or("")
 }
 
 /// Whether `caller` may read `r`: its requester, a service, a possible reviewer, or a viewer.
@@ -425,7 +437,8 @@ pub fn expire(r: &mut ApprovalRequest, now_us: i64) -> Outcome {
 
 /// Applies a review by `reviewer` to `r` at `now_us`.
 ///
-/// Refused: a reviewer who is the requester or in none of the reviewer groups; a request that
+/// Refused: a reviewer who is the requester, not a person (agents and services never
+/// approve: the point is human approval), or in none of the reviewer groups; a request that
 /// is not pending (a decision is final); a second review by the same reviewer (one reviewer
 /// counts once). A single deny denies; enough approvals approve. A request past its expiry is
 /// refused here: the caller expires it first (see [`is_due`]).
@@ -441,6 +454,17 @@ pub fn review(
         return Err(RuleError::PermissionDenied(format!(
             "{} cannot review their own request {}",
             reviewer.subject, r.id
+        )));
+    }
+    if reviewer.kind != PrincipalKind::Human as i32 {
+        return Err(RuleError::PermissionDenied(format!(
+            "{} is {} principal; approvals are given by people (human principals) only",
+            reviewer.subject,
+            match PrincipalKind::try_from(reviewer.kind).unwrap_or_default() {
+                PrincipalKind::Agent => "an agent",
+                PrincipalKind::Service => "a service",
+                _ => "an unknown kind of",
+            }
         )));
     }
     if !reviewer
@@ -605,7 +629,10 @@ mod tests {
         let r = new_request(&agent, op_request(0, &[]), &policy(), "r".into(), 0).expect("ok");
         assert_eq!(r.reviewer_groups, vec!["approvers".to_string()]);
         assert_eq!(r.approvals_required, 1);
-        assert_eq!(r.requester.as_ref().map(|p| p.subject.as_str()), Some("agent:bot"));
+        assert_eq!(
+            r.requester.as_ref().map(|p| p.subject.as_str()),
+            Some("agent:bot")
+        );
         for c in [
             op_request(0, &["friends"]),
             op_request(2, &[]),
@@ -652,24 +679,52 @@ mod tests {
         let bob = principal("human:bob", PrincipalKind::Human, &["dba"]);
         let now = 2_000_000;
         assert_eq!(
-            review(&mut r, &alice, Verdict::Approve, "ok".into(), String::new(), now),
+            review(
+                &mut r,
+                &alice,
+                Verdict::Approve,
+                "ok".into(),
+                String::new(),
+                now
+            ),
             Ok(Outcome::Reviewed)
         );
         let before = r.clone();
         assert!(matches!(
-            review(&mut r, &alice, Verdict::Approve, "again".into(), String::new(), now),
+            review(
+                &mut r,
+                &alice,
+                Verdict::Approve,
+                "again".into(),
+                String::new(),
+                now
+            ),
             Err(RuleError::AlreadyExists(_))
         ));
         assert_eq!(r, before);
         assert_eq!(
-            review(&mut r, &bob, Verdict::Approve, "ok".into(), String::new(), now),
+            review(
+                &mut r,
+                &bob,
+                Verdict::Approve,
+                "ok".into(),
+                String::new(),
+                now
+            ),
             Ok(Outcome::Decided(State::Approved))
         );
         assert_eq!(r.version, 3);
         let carol = principal("human:carol", PrincipalKind::Human, &["dba"]);
         let before = r.clone();
         assert!(matches!(
-            review(&mut r, &carol, Verdict::Deny, "no".into(), String::new(), now),
+            review(
+                &mut r,
+                &carol,
+                Verdict::Deny,
+                "no".into(),
+                String::new(),
+                now
+            ),
             Err(RuleError::FailedPrecondition(_))
         ));
         assert_eq!(r, before);
@@ -680,12 +735,37 @@ mod tests {
         let mut r = created(3);
         let bot = principal("agent:bot", PrincipalKind::Agent, &["dba"]);
         assert!(matches!(
-            review(&mut r, &bot, Verdict::Approve, String::new(), String::new(), 2),
+            review(
+                &mut r,
+                &bot,
+                Verdict::Approve,
+                String::new(),
+                String::new(),
+                2
+            ),
             Err(RuleError::PermissionDenied(_))
         ));
+        let other_bot = principal("agent:other", PrincipalKind::Agent, &["dba"]);
+        let e = review(
+            &mut r,
+            &other_bot,
+            Verdict::Approve,
+            String::new(),
+            String::new(),
+            2,
+        )
+        .expect_err("agents never approve");
+        assert!(e.to_string().contains("by people"), "{e}");
         let outsider = principal("human:eve", PrincipalKind::Human, &["devs"]);
         assert!(matches!(
-            review(&mut r, &outsider, Verdict::Approve, String::new(), String::new(), 2),
+            review(
+                &mut r,
+                &outsider,
+                Verdict::Approve,
+                String::new(),
+                String::new(),
+                2
+            ),
             Err(RuleError::PermissionDenied(_))
         ));
         let alice = principal("human:alice", PrincipalKind::Human, &["dba"]);
@@ -703,7 +783,14 @@ mod tests {
         assert!(is_due(&r, late));
         let alice = principal("human:alice", PrincipalKind::Human, &["dba"]);
         assert!(matches!(
-            review(&mut r, &alice, Verdict::Approve, String::new(), String::new(), late),
+            review(
+                &mut r,
+                &alice,
+                Verdict::Approve,
+                String::new(),
+                String::new(),
+                late
+            ),
             Err(RuleError::FailedPrecondition(_))
         ));
         assert_eq!(expire(&mut r, late), Outcome::Decided(State::Expired));

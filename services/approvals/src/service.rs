@@ -93,17 +93,16 @@ impl Inner {
             .map_err(|e| Status::unauthenticated(format!("token refused: {e}")))?;
         Ok(Actor {
             principal: Some(principal),
-            source_address: req
-                .remote_addr()
-                .map(|a| a.to_string())
-                .unwrap_or_default(),
+            source_address: req.remote_addr().map(|a| a.to_string()).unwrap_or_default(),
         })
     }
 
     fn visibility(&self, p: &Principal) -> Visibility {
         Visibility {
             all: model::is_service(p)
-                || p.groups.iter().any(|g| self.policy.viewer_groups.contains(g)),
+                || p.groups
+                    .iter()
+                    .any(|g| self.policy.viewer_groups.contains(g)),
             subject: p.subject.clone(),
             groups: p.groups.clone(),
         }
@@ -169,7 +168,13 @@ impl Inner {
     }
 
     /// Applies a change under the row lock and reports it; refusals become statuses.
-    async fn apply<F>(&self, id: &str, actor: &Actor, review: bool, change: F) -> Result<ApprovalRequest, Status>
+    async fn apply<F>(
+        &self,
+        id: &str,
+        actor: &Actor,
+        review: bool,
+        change: F,
+    ) -> Result<ApprovalRequest, Status>
     where
         F: FnOnce(&mut ApprovalRequest) -> Result<Option<Outcome>, RuleError>,
     {
@@ -250,7 +255,13 @@ impl ApprovalsApi for ApprovalsService {
         let actor = s.caller(&request).await?;
         let caller = actor.principal.unwrap_or_default();
         let q = request.into_inner();
-        let filter = filter(&s.visibility(&caller), q.state, q.connection, q.requester, q.limit)?;
+        let filter = filter(
+            &s.visibility(&caller),
+            q.state,
+            q.connection,
+            q.requester,
+            q.limit,
+        )?;
         let now = model::now_us();
         let mut requests = Vec::new();
         for r in s.store.list(&filter).await.map_err(db_status)? {
@@ -374,7 +385,9 @@ fn filter(
     limit: u32,
 ) -> Result<Filter, Status> {
     if State::try_from(state).is_err() {
-        return Err(Status::invalid_argument(format!("state {state} is unknown")));
+        return Err(Status::invalid_argument(format!(
+            "state {state} is unknown"
+        )));
     }
     if connection.len() > MAX_NAME || requester.len() > MAX_NAME {
         return Err(Status::invalid_argument(format!(
@@ -411,8 +424,9 @@ async fn watch_one(
         return;
     }
     loop {
-        let wait = Duration::from_micros((expires_at - model::now_us()).clamp(0, 3_600_000_000) as u64)
-            + Duration::from_millis(5);
+        let wait =
+            Duration::from_micros((expires_at - model::now_us()).clamp(0, 3_600_000_000) as u64)
+                + Duration::from_millis(5);
         let reread = tokio::select! {
             ev = events.recv() => match ev {
                 Ok(Event::Changed(r)) if r.id == id => {
@@ -462,9 +476,7 @@ fn matches(r: &ApprovalRequest, f: &Filter, watched: State) -> bool {
     (f.connection.is_empty() || r.connection == f.connection)
         && (f.requester.is_empty()
             || r.requester.as_ref().map(|p| p.subject.as_str()) == Some(f.requester.as_str()))
-        && (watched == State::Unspecified
-            || watched == State::Pending
-            || r.state == watched as i32)
+        && (watched == State::Unspecified || watched == State::Pending || r.state == watched as i32)
 }
 
 /// Follows every request matching a filter: a snapshot, then every matching change. After
@@ -520,23 +532,41 @@ async fn watch_filter(
 pub(crate) async fn sweeper(s: Arc<Inner>, interval: Duration) {
     const BATCH: u32 = 100;
     loop {
-        let mut sleep = interval;
-        match s.store.expire_due(model::now_us(), BATCH).await {
-            Ok(expired) => {
-                let full = expired.len() as u32 == BATCH;
-                for r in &expired {
-                    s.expired(r).await;
+        // Look first (a read), write only when something is due: on SQLite a write
+        // transaction takes the one write lock.
+        let next = match s.store.next_expiry_us().await {
+            Ok(next) => next,
+            Err(e) => {
+                tracing::error!(error = %e, "expiry sweep failed; retrying");
+                tokio::time::sleep(interval).await;
+                continue;
+            }
+        };
+        let now = model::now_us();
+        if next.is_some_and(|n| n <= now) {
+            match s.store.expire_due(now, BATCH).await {
+                Ok(expired) => {
+                    for r in &expired {
+                        s.expired(r).await;
+                    }
+                    if expired.len() as u32 == BATCH {
+                        continue;
+                    }
                 }
-                if full {
+                Err(e) => {
+                    tracing::error!(error = %e, "expiry sweep failed; retrying");
+                    tokio::time::sleep(interval).await;
                     continue;
                 }
-                if let Ok(Some(next)) = s.store.next_expiry_us().await {
-                    let until = (next - model::now_us()).max(0) as u64;
-                    sleep = sleep.min(Duration::from_micros(until) + Duration::from_millis(1));
-                }
             }
-            Err(e) => tracing::error!(error = %e, "expiry sweep failed; retrying"),
+            // Another instance may hold the rows; look again soon.
+            tokio::time::sleep(Duration::from_millis(20).min(interval)).await;
+            continue;
         }
-        tokio::time::sleep(sleep).await;
+        let sleep = match next {
+            Some(n) => interval.min(Duration::from_micros((n - now).max(0) as u64)),
+            None => interval,
+        };
+        tokio::time::sleep(sleep + Duration::from_millis(1)).await;
     }
 }

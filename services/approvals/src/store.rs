@@ -316,7 +316,10 @@ impl Store {
     {
         with_pool!(self, |pool, d| {
             let mut tx = pool.begin_with(d.begin).await?;
-            let sql = format!("SELECT body FROM approval_requests WHERE id = $1{}", d.lock_row);
+            let sql = format!(
+                "SELECT body FROM approval_requests WHERE id = $1{}",
+                d.lock_row
+            );
             let body: Option<Vec<u8>> = sqlx::query_scalar(AssertSqlSafe(sql))
                 .bind(id)
                 .fetch_optional(&mut *tx)
@@ -396,11 +399,12 @@ impl Store {
     /// When the next pending request expires, if any.
     pub async fn next_expiry_us(&self) -> Result<Option<i64>, StoreError> {
         with_pool!(self, |pool, _d| {
-            let next: Option<i64> =
-                sqlx::query_scalar("SELECT MIN(expires_at_us) FROM approval_requests WHERE state = $1")
-                    .bind(State::Pending as i32)
-                    .fetch_one(pool)
-                    .await?;
+            let next: Option<i64> = sqlx::query_scalar(
+                "SELECT MIN(expires_at_us) FROM approval_requests WHERE state = $1",
+            )
+            .bind(State::Pending as i32)
+            .fetch_one(pool)
+            .await?;
             Ok(next)
         })
     }

@@ -238,11 +238,15 @@ async fn worker(target: Arc<Target>, mut rx: mpsc::Receiver<Arc<Job>>, metrics: 
 
 /// Sends one notification, retrying with exponential backoff.
 async fn deliver(target: &Target, job: &Job, metrics: &WebhookMetrics) {
-    let body = Bytes::from(match target.config.format {
-        WebhookFormat::Cloudevents => cloudevent(job.kind, &job.event_id, &job.time, &job.request),
-        WebhookFormat::Slack => slack_message(job.kind, &job.request),
-    }
-    .to_string());
+    let body = Bytes::from(
+        match target.config.format {
+            WebhookFormat::Cloudevents => {
+                cloudevent(job.kind, &job.event_id, &job.time, &job.request)
+            }
+            WebhookFormat::Slack => slack_message(job.kind, &job.request),
+        }
+        .to_string(),
+    );
     let signature = target.secret.as_deref().map(|s| signature(s, &body));
     let mut backoff = target.config.initial_backoff;
     for attempt in 1..=target.config.max_attempts {
@@ -433,8 +437,10 @@ fn asks_for(r: &ApprovalRequest) -> String {
             slack_escape(&r.role),
             r.duration
                 .as_ref()
-                .map(|d| humantime::format_duration(Duration::from_secs(d.seconds.max(0) as u64))
-                    .to_string())
+                .map(
+                    |d| humantime::format_duration(Duration::from_secs(d.seconds.max(0) as u64))
+                        .to_string()
+                )
                 .unwrap_or_default()
         ),
         _ => format!("to run an operation on *{}*", slack_escape(&r.connection)),
@@ -473,25 +479,27 @@ pub fn slack_message(kind: EventKind, r: &ApprovalRequest) -> Value {
             let mut blocks = vec![
                 json!({"type": "header", "text": {"type": "plain_text", "text": "Approval needed"}}),
                 json!({"type": "section", "text": {"type": "mrkdwn", "text": format!(
-                    "*{}* asks {}", slack_escape(requester), asks_for(r))},
-                    "fields": [
-                        {"type": "mrkdwn", "text": format!("*Connection*\n{}", slack_escape(&r.connection))},
-                        {"type": "mrkdwn", "text": format!("*Risk*\n{}", slack_escape(&risk))},
-                        {"type": "mrkdwn", "text": format!("*Reason*\n{}", slack_escape(&clip(&r.reason, 500)))},
-                        {"type": "mrkdwn", "text": format!("*Approvals needed*\n{} from {}",
-                            r.approvals_required, slack_escape(&r.reviewer_groups.join(", ")))},
-                        {"type": "mrkdwn", "text": format!("*Expires*\n{}",
-                            r.expires_at.as_ref().map(rfc3339).unwrap_or_default())},
-                        {"type": "mrkdwn", "text": format!("*Request*\n{}", r.id)},
-                    ]}),
+                "*{}* asks {}", slack_escape(requester), asks_for(r))},
+                "fields": [
+                    {"type": "mrkdwn", "text": format!("*Connection*\n{}", slack_escape(&r.connection))},
+                    {"type": "mrkdwn", "text": format!("*Risk*\n{}", slack_escape(&risk))},
+                    {"type": "mrkdwn", "text": format!("*Reason*\n{}", slack_escape(&clip(&r.reason, 500)))},
+                    {"type": "mrkdwn", "text": format!("*Approvals needed*\n{} from {}",
+                        r.approvals_required, slack_escape(&r.reviewer_groups.join(", ")))},
+                    {"type": "mrkdwn", "text": format!("*Expires*\n{}",
+                        r.expires_at.as_ref().map(rfc3339).unwrap_or_default())},
+                    {"type": "mrkdwn", "text": format!("*Request*\n{}", r.id)},
+                ]}),
             ];
             if let Some(s) = statement {
                 blocks.push(json!({"type": "section", "text": {"type": "mrkdwn",
                     "text": format!("```{}```", slack_escape(&clip(s, SLACK_TEXT_MAX)))}}));
             }
-            blocks.push(json!({"type": "section", "text": {"type": "mrkdwn", "text": format!(
+            blocks.push(
+                json!({"type": "section", "text": {"type": "mrkdwn", "text": format!(
                 "Approve: `{}`\nDeny: `agentgate approvals deny {} --comment \"…\"`",
-                approve_command(r), r.id)}}));
+                approve_command(r), r.id)}}),
+            );
             json!({"text": text, "blocks": blocks})
         }
         EventKind::Decided(s) => {
