@@ -274,7 +274,7 @@ impl Scanner {
 
     /// Could a detector match at this anchor? `false` only when none can; `true` also when
     /// the answer depends on bytes not received yet (the detectors will then ask for them).
-    #[inline]
+    #[inline(always)]
     fn worth(&self, h: Hay, a: usize) -> bool {
         match self.class[h.b[a] as usize] {
             DIGIT => {
@@ -289,7 +289,7 @@ impl Scanner {
 
     /// Can a card, SSN, phone number or IPv4 address start with the digit run at `a`? Most
     /// numbers in text (counts, sizes, dates, times) are rejected by their shape.
-    #[inline]
+    #[inline(always)]
     fn digit_shape(&self, h: &Hay, a: usize) -> Decide<bool> {
         let b = h.b;
         let prev = h.prev(a);
