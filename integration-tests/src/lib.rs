@@ -467,7 +467,9 @@ impl ApprovalsFixture {
 
     /// The running service.
     pub fn running(&self) -> anyhow::Result<&agentgate_approvals::RunningApprovals> {
-        self.running.as_ref().context("the approvals service is stopped")
+        self.running
+            .as_ref()
+            .context("the approvals service is stopped")
     }
 
     /// Stops the service (the database stays).

@@ -632,3 +632,27 @@ async fn postgres_storage_keeps_revocations_across_restarts() {
         other => panic!("{other:?}"),
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn standalone_services_verify_tokens_with_the_published_public_key() {
+    let s = Stack::start(Vec::new()).await;
+    let path = s.dir.path().join(agentgate_authz::PUBLIC_KEY_FILE);
+    let auth = agentgate_approvals::authenticator_from_config(&agentgate_approvals::config::AuthConfig {
+        issuer: "agentgate".into(),
+        public_keys: vec![path],
+    })
+    .unwrap();
+    let principal = auth.authenticate(&s.agent_token(), None).await.unwrap();
+    assert_eq!(principal.subject, "agent:deploy-bot");
+    let foreign = agentgate_identity::TokenIssuer::new(&ed25519_dalek::SigningKey::from_bytes(&[5; 32]), "agentgate").unwrap();
+    let (t, _) = foreign
+        .issue(&TokenRequest {
+            subject: "agent:x".into(),
+            kind: PrincipalKind::Agent,
+            groups: vec![],
+            audience: vec![],
+            ttl: Duration::from_secs(60),
+        })
+        .unwrap();
+    assert!(auth.authenticate(&t, None).await.is_err());
+}

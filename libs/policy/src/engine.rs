@@ -39,6 +39,9 @@ pub struct PolicyEngine {
     sets: [PolicySet; ACTIONS.len()],
     meta: HashMap<PolicyId, PolicyMeta>,
     policy_count: usize,
+    /// Whether some permit that can apply to `execute` may depend on `context.approved`; if
+    /// none does, an operation no permit allows is denied without the second question.
+    execute_permit_depends_on_approved: bool,
     authorizer: Authorizer,
     names: Names,
 }
@@ -58,9 +61,8 @@ impl Names {
                 .map_err(|e| format!("entity type {name}: {e}"))
         };
         let action_ty = ty("Action")?;
-        let action = |name: &str| {
-            EntityUid::from_type_name_and_id(action_ty.clone(), EntityId::new(name))
-        };
+        let action =
+            |name: &str| EntityUid::from_type_name_and_id(action_ty.clone(), EntityId::new(name));
         Ok(Names {
             principal: ty("Principal")?,
             group: ty("Group")?,
@@ -107,9 +109,8 @@ impl PolicyEngine {
     /// (one that reads `context.approved`) with no `@approvers`.
     pub fn parse(text: &str, source: &str) -> Result<PolicyEngine, PolicyError> {
         let names = Names::new().map_err(|e| PolicyError::whole_file(source, e))?;
-        let (schema, _warnings) = Schema::from_cedarschema_str(SCHEMA).map_err(|e| {
-            PolicyError::whole_file("agentgate schema", diagnostic_message(&e))
-        })?;
+        let (schema, _warnings) = Schema::from_cedarschema_str(SCHEMA)
+            .map_err(|e| PolicyError::whole_file("agentgate schema", diagnostic_message(&e)))?;
 
         let parsed = PolicySet::from_str(text).map_err(|errors| {
             let count = errors.iter().count();
@@ -179,6 +180,7 @@ impl PolicyEngine {
         let mut sets: [PolicySet; ACTIONS.len()] = std::array::from_fn(|_| PolicySet::new());
         let mut meta_by_id = HashMap::new();
         let mut seen_ids = HashSet::new();
+        let mut execute_permit_depends_on_approved = false;
         for (position, (_, policy)) in ordered.iter().enumerate() {
             let span = spans.get(position).filter(|_| spans_match);
             let start = span.map_or(0, |s| s.start);
@@ -219,20 +221,27 @@ impl PolicyEngine {
             }
 
             let annotations: Vec<(&str, &str)> = policy.annotations().collect();
-            let meta = meta::parse(position, id.clone(), policy.effect(), actions, &annotations)
-                .map_err(|e| {
-                    let offset = if e.key.is_empty() {
-                        start
-                    } else {
-                        at_key(&e.key)
-                    };
-                    PolicyError::at(source, text, offset, e.message)
-                })?;
+            let mut meta =
+                meta::parse(position, id.clone(), policy.effect(), actions, &annotations).map_err(
+                    |e| {
+                        let offset = if e.key.is_empty() {
+                            start
+                        } else {
+                            at_key(&e.key)
+                        };
+                        PolicyError::at(source, text, offset, e.message)
+                    },
+                )?;
 
             let json = policy.to_json().map_err(|e| {
                 PolicyError::at(source, text, start, format!("cannot inspect policy: {e}"))
             })?;
             let findings = lint::check(&json, &known_classes);
+            meta.depends_on_approved = findings.depends_on_approved;
+            if actions[EXECUTE] && policy.effect() == Effect::Permit && findings.depends_on_approved
+            {
+                execute_permit_depends_on_approved = true;
+            }
             let literal_at =
                 |value: &str| scan::find_string_literal(text, start, end, value).unwrap_or(start);
             if let Some(class) = findings.unknown_risk_classes.first() {
@@ -274,7 +283,10 @@ impl PolicyEngine {
                         .into(),
                 ));
             }
-            let only_execute = actions.iter().enumerate().all(|(i, &a)| a == (i == EXECUTE));
+            let only_execute = actions
+                .iter()
+                .enumerate()
+                .all(|(i, &a)| a == (i == EXECUTE));
             if only_execute && !findings.uses_approved && meta.approval != Default::default() {
                 return Err(PolicyError::at(
                     source,
@@ -296,7 +308,9 @@ impl PolicyEngine {
                 .iter()
                 .enumerate()
                 .all(|(i, &a)| a == (i == REQUEST_ACCESS));
-            if only_request && policy.effect() == Effect::Permit && meta.approval.approvers.is_empty()
+            if only_request
+                && policy.effect() == Effect::Permit
+                && meta.approval.approvers.is_empty()
             {
                 return Err(PolicyError::at(
                     source,
@@ -324,6 +338,7 @@ impl PolicyEngine {
             source_name: source.to_owned(),
             sets,
             policy_count: ordered.len(),
+            execute_permit_depends_on_approved,
             meta: meta_by_id,
             authorizer: Authorizer::new(),
             names,
@@ -531,7 +546,14 @@ impl PolicyEngine {
                 approval_timeout: None,
             };
         }
-        if !as_is.errored.is_empty() {
+        // Deny without asking "once approved?" when approval cannot change the answer: a
+        // policy failed to evaluate (fail closed); a satisfied forbid does not depend on
+        // `approved` (it is satisfied in the second question too); or nothing permitted it
+        // and no permit depends on `approved`.
+        let hard_forbid = as_is.determining.iter().any(|m| !m.depends_on_approved);
+        let nothing_to_lift =
+            as_is.determining.is_empty() && !self.execute_permit_depends_on_approved;
+        if !as_is.errored.is_empty() || hard_forbid || nothing_to_lift {
             return RuleOutcome {
                 rule: deny_rule(class),
                 approval_timeout: None,
@@ -568,6 +590,21 @@ impl PolicyEngine {
                 reason_required,
             },
             approval_timeout: timeout,
+        }
+    }
+
+    /// [`Self::rule_for`] without its shortcuts: always both questions. Tests compare the two.
+    #[cfg(test)]
+    fn rule_for_naive(&self, subject: &Subject, role: &str, class: &str) -> Decision {
+        let as_is = self.query(subject, EXECUTE, execute_context(role, class, false));
+        if as_is.allowed && as_is.errored.is_empty() {
+            return Decision::Allow;
+        }
+        let approved = self.query(subject, EXECUTE, execute_context(role, class, true));
+        if as_is.errored.is_empty() && approved.allowed && approved.errored.is_empty() {
+            Decision::NeedsApproval
+        } else {
+            Decision::Deny
         }
     }
 
@@ -655,9 +692,9 @@ impl PolicyEngine {
                 return denied;
             }
         };
-        let response = self
-            .authorizer
-            .is_authorized(&request, &self.sets[action], &subject.entities);
+        let response =
+            self.authorizer
+                .is_authorized(&request, &self.sets[action], &subject.entities);
         let diagnostics = response.diagnostics();
         let mut determining: Vec<&PolicyMeta> = diagnostics
             .reason()
@@ -708,7 +745,10 @@ fn execute_context(role: &str, class: &str, approved: bool) -> Vec<(String, Rest
             "risk_class".to_owned(),
             RestrictedExpression::new_string(class.to_owned()),
         ),
-        ("approved".to_owned(), RestrictedExpression::new_bool(approved)),
+        (
+            "approved".to_owned(),
+            RestrictedExpression::new_bool(approved),
+        ),
     ]
 }
 
@@ -720,5 +760,67 @@ pub(crate) fn deny_rule(class: &str) -> RiskRule {
         approver_groups: Vec::new(),
         approvals_required: 0,
         reason_required: false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const EXAMPLE: &str = include_str!("../../../deploy/policy.example.cedar");
+    const TRICKY: &str = r#"
+permit (principal, action == Agentgate::Action::"execute", resource)
+when { context.role == "read" && context.risk_class like "*.read" };
+
+@approvers("oncall")
+permit (principal in Agentgate::Group::"ops", action == Agentgate::Action::"execute", resource)
+when { context.approved && context.risk_class like "ssh.*" };
+
+@approvers("dba")
+forbid (principal, action, resource)
+when { context has approved && context.approved == false && context.role == "write" };
+
+permit (principal, action == Agentgate::Action::"execute", resource)
+when { context.role == "write" };
+
+forbid (principal, action == Agentgate::Action::"execute", resource)
+when { context.role == "write" && context.risk_class == "sql.dcl" };
+"#;
+
+    /// The shortcuts in `rule_for` (no second question when approval cannot change the
+    /// answer) must never change a decision.
+    #[test]
+    fn shortcuts_never_change_a_decision() {
+        for (text, name) in [(EXAMPLE, "example"), (TRICKY, "tricky")] {
+            let engine = match PolicyEngine::parse(text, name) {
+                Ok(engine) => engine,
+                Err(e) => panic!("{e}"),
+            };
+            let mut seen = HashSet::new();
+            for groups in [vec![], vec!["ops".to_owned()], vec!["deployers".to_owned()]] {
+                for kind in [PrincipalKind::Agent, PrincipalKind::Human] {
+                    let p = Principal {
+                        subject: "agent:deploy-bot".into(),
+                        kind: kind as i32,
+                        groups: groups.clone(),
+                        ..Default::default()
+                    };
+                    for connection in ["prod-db", "prod-k8s", "web-1", "x"] {
+                        let Some(subject) = engine.subject(&p, connection) else {
+                            panic!("subject");
+                        };
+                        for role in ["read", "write", "edit", "admin", "deploy"] {
+                            for class in RISK_CLASSES.iter().copied().chain([NO_RISK_CLASS]) {
+                                let fast = engine.rule_for(&subject, role, class).rule.decision;
+                                let naive = engine.rule_for_naive(&subject, role, class) as i32;
+                                assert_eq!(fast, naive, "{name} {connection} {role} {class}");
+                                seen.insert(fast);
+                            }
+                        }
+                    }
+                }
+            }
+            assert_eq!(seen.len(), 3, "{name}: all three outcomes exercised");
+        }
     }
 }

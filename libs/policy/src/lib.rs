@@ -216,7 +216,13 @@ pub(crate) fn combine(rules: impl Iterator<Item = RiskRule>) -> LocalDecision {
             }
         };
         if better {
+            let final_answer = severity(rule.decision) == 2;
             best = Some(rule);
+            if final_answer {
+                // Nothing after a deny can replace it (ties keep the first), so stop: callers
+                // pass lazy iterators and the remaining classes are never evaluated.
+                break;
+            }
         }
     }
     match best {

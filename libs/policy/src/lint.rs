@@ -21,6 +21,11 @@ pub(crate) struct Findings {
     pub unknown_kinds: Vec<String>,
     /// Whether the policy reads `context.approved`.
     pub uses_approved: bool,
+    /// Whether the policy's outcome can depend on `context.approved`: it reads it, or uses
+    /// `context` other than through `.role` and `.risk_class` (`context has approved`,
+    /// `context == {..}`). Conservative, so that skipping the "once approved?" question
+    /// when no such policy could change the answer is always sound.
+    pub depends_on_approved: bool,
 }
 
 /// The principal kinds `principal.kind` can hold.
@@ -52,7 +57,10 @@ fn attr_of(v: &Value) -> Option<Attr> {
 
 fn is_approved(v: &Value) -> bool {
     v.get(".").is_some_and(|dot| {
-        dot.get("left").and_then(|l| l.get("Var")).and_then(Value::as_str) == Some("context")
+        dot.get("left")
+            .and_then(|l| l.get("Var"))
+            .and_then(Value::as_str)
+            == Some("context")
             && dot.get("attr").and_then(Value::as_str) == Some("approved")
     })
 }
@@ -95,6 +103,23 @@ fn walk(v: &Value, risk_classes: &[&str], findings: &mut Findings) {
         Value::Object(map) => {
             if is_approved(v) {
                 findings.uses_approved = true;
+            }
+            if let Some(dot) = map.get(".")
+                && dot
+                    .get("left")
+                    .and_then(|l| l.get("Var"))
+                    .and_then(Value::as_str)
+                    == Some("context")
+                && matches!(
+                    dot.get("attr").and_then(Value::as_str),
+                    Some("role" | "risk_class")
+                )
+            {
+                // A plain read of role or risk_class: nothing below can see `approved`.
+                return;
+            }
+            if map.get("Var").and_then(Value::as_str) == Some("context") {
+                findings.depends_on_approved = true;
             }
             for op in ["==", "!=", "contains", "containsAll", "containsAny"] {
                 if let Some(operands) = map.get(op) {

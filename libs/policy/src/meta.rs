@@ -15,7 +15,11 @@ use crate::schema::{ACTIONS, EXECUTE, READ_UNMASKED, REQUEST_ACCESS};
 /// Every annotation key agentgate reads, with the actions it means something for and what it
 /// is, for error messages and docs. `None` means any action.
 pub(crate) const ANNOTATIONS: &[(&str, Option<&[usize]>, &str)] = &[
-    ("id", None, "a name for the policy, shown in decisions and errors"),
+    (
+        "id",
+        None,
+        "a name for the policy, shown in decisions and errors",
+    ),
     ("description", None, "free text"),
     (
         "approvers",
@@ -66,6 +70,9 @@ pub(crate) struct PolicyMeta {
     pub approval_timeout: Option<Duration>,
     /// The masking rules a matching `read_unmasked` forbid adds to a session.
     pub masks: Vec<MaskingRule>,
+    /// Whether the policy's outcome can depend on `context.approved` (see
+    /// [`crate::lint::Findings::depends_on_approved`]); set after the lint walk.
+    pub depends_on_approved: bool,
 }
 
 /// The approval annotations of a policy, each absent unless written.
@@ -104,6 +111,7 @@ pub(crate) fn parse(
         max_duration: None,
         approval_timeout: None,
         masks: Vec::new(),
+        depends_on_approved: true,
     };
     let mut strategy = None;
     let mut mask = None;
@@ -269,7 +277,10 @@ fn parse_selectors(value: &str) -> Result<Vec<Selector>, MetaError> {
         };
         let target = target.trim();
         if target.is_empty() {
-            return Err(err("mask", format!("mask selector {item:?} selects nothing")));
+            return Err(err(
+                "mask",
+                format!("mask selector {item:?} selects nothing"),
+            ));
         }
         let target_owned = target.to_owned();
         let selector = match kind.trim() {

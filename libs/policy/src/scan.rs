@@ -92,7 +92,12 @@ fn skip_string(bytes: &[u8], start: usize) -> usize {
 
 /// The offset of the first string literal equal to `value` (written without escapes) in
 /// `text[range]`, outside comments.
-pub(crate) fn find_string_literal(text: &str, start: usize, end: usize, value: &str) -> Option<usize> {
+pub(crate) fn find_string_literal(
+    text: &str,
+    start: usize,
+    end: usize,
+    value: &str,
+) -> Option<usize> {
     let bytes = text.as_bytes();
     let end = end.min(bytes.len());
     let mut i = start;
@@ -133,7 +138,11 @@ forbid (principal, action, resource);
         assert_eq!(spans.len(), 2);
         assert!(text[spans[0].start..].starts_with("@id"));
         assert!(text[spans[1].start..].starts_with("forbid"));
-        let keys: Vec<_> = spans[0].annotations.iter().map(|(k, _)| k.as_str()).collect();
+        let keys: Vec<_> = spans[0]
+            .annotations
+            .iter()
+            .map(|(k, _)| k.as_str())
+            .collect();
         assert_eq!(keys, ["id", "approvals"]);
         assert!(text[spans[0].annotations[1].1..].starts_with("@approvals"));
         assert!(text[..spans[0].end].ends_with("\"x;@y\" };"));

@@ -275,10 +275,7 @@ fn an_empty_policy_denies_everything() {
             .all(|r| r.decision == Decision::Deny as i32)
     );
     assert!(policy.masking_rules.is_empty());
-    assert_eq!(
-        decide(&policy, &op(&["sql.read"])).decision,
-        Decision::Deny
-    );
+    assert_eq!(decide(&policy, &op(&["sql.read"])).decision, Decision::Deny);
 }
 
 #[test]
@@ -334,8 +331,16 @@ fn access_request_rules_carry_their_annotations() {
     assert!(rule.reason_required);
     assert_eq!(rule.policy, "deployers-request-prod-write");
 
-    assert!(engine.access_request_rule(&deployer, "prod-db", "admin").is_none());
-    assert!(engine.access_request_rule(&deployer, "staging-db", "write").is_none());
+    assert!(
+        engine
+            .access_request_rule(&deployer, "prod-db", "admin")
+            .is_none()
+    );
+    assert!(
+        engine
+            .access_request_rule(&deployer, "staging-db", "write")
+            .is_none()
+    );
 
     let sre_human = human("human:sam@example.com", &["sre"]);
     let rule = engine
@@ -346,7 +351,11 @@ fn access_request_rules_carry_their_annotations() {
     assert!(rule.reason_required, "a bare @reason_required means true");
     // ... but an sre agent may not.
     let sre_agent = agent("agent:sre-bot", &["sre"]);
-    assert!(engine.access_request_rule(&sre_agent, "prod-db", "admin").is_none());
+    assert!(
+        engine
+            .access_request_rule(&sre_agent, "prod-db", "admin")
+            .is_none()
+    );
 
     let bot = agent("agent:deploy-bot", &[]);
     let rule = engine
@@ -372,13 +381,25 @@ permit (principal == Agentgate::Principal::"agent:z", action == Agentgate::Actio
 "#,
     );
     let ops = agent("agent:a", &["ops"]);
-    let rule = engine.access_request_rule(&ops, "staging-db", "read").expect("broad");
-    assert_eq!((rule.policy.as_str(), rule.max_duration), ("broad", Duration::from_secs(4 * 3600)));
-    let rule = engine.access_request_rule(&ops, "prod-db", "read").expect("narrow");
+    let rule = engine
+        .access_request_rule(&ops, "staging-db", "read")
+        .expect("broad");
+    assert_eq!(
+        (rule.policy.as_str(), rule.max_duration),
+        ("broad", Duration::from_secs(4 * 3600))
+    );
+    let rule = engine
+        .access_request_rule(&ops, "prod-db", "read")
+        .expect("narrow");
     assert_eq!(rule.policy, "narrow");
     let z = agent("agent:z", &["ops"]);
-    let rule = engine.access_request_rule(&z, "prod-db", "read").expect("same-length");
-    assert_eq!(rule.policy, "same-length", "equal durations: more approvals wins");
+    let rule = engine
+        .access_request_rule(&z, "prod-db", "read")
+        .expect("same-length");
+    assert_eq!(
+        rule.policy, "same-length",
+        "equal durations: more approvals wins"
+    );
 }
 
 // ----- risk decisions ---------------------------------------------------------------------
@@ -462,10 +483,7 @@ unless { context.approved };
 
     // the session's timeout is the shortest of its approval rules
     let policy = engine.session_policy(&p, "db", "write");
-    assert_eq!(
-        policy.approval_timeout.map(|d| d.seconds),
-        Some(180)
-    );
+    assert_eq!(policy.approval_timeout.map(|d| d.seconds), Some(180));
     // with no approval rule in the session, the default
     let policy = engine.session_policy(&p, "vault", "write");
     assert!(
@@ -475,7 +493,8 @@ unless { context.approved };
             .all(|r| r.decision == Decision::NeedsApproval as i32),
         "{policy:?}"
     );
-    let engine2 = self::engine(r#"permit (principal, action == Agentgate::Action::"execute", resource);"#);
+    let engine2 =
+        self::engine(r#"permit (principal, action == Agentgate::Action::"execute", resource);"#);
     let policy = engine2.session_policy(&p, "db", "write");
     assert_eq!(
         policy.approval_timeout.map(|d| d.seconds),
@@ -522,11 +541,17 @@ fn session_policy_covers_every_class_and_decides_locally() {
     assert_eq!(d.decision, Decision::Allow, "{}", d.reason);
     let d = decide(&policy, &op(&["sql.write", "sql.write.unbounded"]));
     assert_eq!(d.decision, Decision::NeedsApproval, "{}", d.reason);
-    assert_eq!(d.rule.as_ref().map(|r| r.risk_class.as_str()), Some("sql.write.unbounded"));
+    assert_eq!(
+        d.rule.as_ref().map(|r| r.risk_class.as_str()),
+        Some("sql.write.unbounded")
+    );
     assert!(d.reason.contains("dba"), "{}", d.reason);
     let d = decide(&policy, &op(&["sql.ddl", "sql.dcl"]));
     assert_eq!(d.decision, Decision::Deny, "deny beats needs approval");
-    assert_eq!(d.rule.as_ref().map(|r| r.risk_class.as_str()), Some("sql.dcl"));
+    assert_eq!(
+        d.rule.as_ref().map(|r| r.risk_class.as_str()),
+        Some("sql.dcl")
+    );
     let d = decide(&policy, &op(&["sql.teleport"]));
     assert_eq!(d.decision, Decision::Deny);
     assert!(d.reason.contains("unknown risk class"), "{}", d.reason);
@@ -565,9 +590,15 @@ fn masking_rules_follow_principal_connection_and_file_order() {
         rules[1].selector,
         Some(Selector::JsonPath("$.customer.email".into()))
     );
-    assert_eq!(rules[3].selector, Some(Selector::Detector("payment_card".into())));
+    assert_eq!(
+        rules[3].selector,
+        Some(Selector::Detector("payment_card".into()))
+    );
     assert_eq!(rules[4].strategy, MaskingStrategy::KeyedHash as i32);
-    assert_eq!(rules[5].selector, Some(Selector::Header("x-api-key".into())));
+    assert_eq!(
+        rules[5].selector,
+        Some(Selector::Header("x-api-key".into()))
+    );
     assert_eq!(rules[5].strategy, MaskingStrategy::Redact as i32, "default");
     assert_eq!(
         rules[6].selector,
@@ -581,7 +612,11 @@ fn masking_rules_follow_principal_connection_and_file_order() {
     let for_lead = engine.masking_rules(&person, "prod-db", "read");
     assert!(for_lead.iter().all(|r| r.name != "user-ids-hashed"));
     // the support-leads exception lifts the email masks
-    assert!(for_lead.iter().all(|r| !r.name.starts_with("customer-email")));
+    assert!(
+        for_lead
+            .iter()
+            .all(|r| !r.name.starts_with("customer-email"))
+    );
     assert!(for_lead.iter().any(|r| r.name.starts_with("card-numbers")));
 
     // and the session policy carries them

@@ -119,7 +119,11 @@ async fn the_watcher_picks_up_changes_and_survives_broken_files() {
 
     write(&path, BROKEN);
     tokio::time::sleep(Duration::from_millis(200)).await;
-    assert_eq!(store.current().version(), first, "broken file must not replace the policy");
+    assert_eq!(
+        store.current().version(),
+        first,
+        "broken file must not replace the policy"
+    );
 
     write(&path, READ_ONLY);
     tokio::time::timeout(Duration::from_secs(5), versions.changed())
@@ -129,7 +133,11 @@ async fn the_watcher_picks_up_changes_and_survives_broken_files() {
     let now = versions.borrow_and_update().clone();
     assert_ne!(now, first);
     assert_eq!(store.current().version(), now);
-    assert!(!store.current().standing_access(&deployer(), "prod-db", "write"));
+    assert!(
+        !store
+            .current()
+            .standing_access(&deployer(), "prod-db", "write")
+    );
 
     // Dropping the store ends the watcher.
     drop(store);

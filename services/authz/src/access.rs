@@ -174,7 +174,7 @@ async fn watch(access: Arc<AccessRequests>, core: Arc<Core>, row: AccessRequestR
 
 async fn follow(access: &AccessRequests, core: &Arc<Core>, row: &AccessRequestRow) -> Result<(), Refusal> {
     let mut client = access.client().await?;
-    let mut stream = client
+    let watched = client
         .watch(AccessRequests::authorized(
             core,
             WatchRequest {
@@ -182,9 +182,17 @@ async fn follow(access: &AccessRequests, core: &Arc<Core>, row: &AccessRequestRo
                 ..Default::default()
             },
         )?)
-        .await
-        .map_err(|s| Refusal::Storage(s.message().to_owned()))?
-        .into_inner();
+        .await;
+    let mut stream = match watched {
+        Ok(s) => s.into_inner(),
+        // The approvals service no longer knows it (its store was reset): final, no grant.
+        Err(s) if s.code() == tonic::Code::NotFound => {
+            tracing::warn!(approval = %row.approval_id, "approval request unknown to the approvals service; no grant");
+            core.store.settle_access_request(&row.approval_id, "unknown", None).await?;
+            return Ok(());
+        }
+        Err(s) => return Err(Refusal::Storage(s.message().to_owned())),
+    };
     while let Some(update) = stream.message().await.map_err(|s| Refusal::Storage(s.message().to_owned()))? {
         if update.id != row.approval_id {
             continue;

@@ -30,6 +30,10 @@ use tokio_stream::wrappers::TcpListenerStream;
 pub use config::{AuthzConfig, ConnectionConfig, OidcIssuerConfig, UpstreamConfig};
 pub use core::Core;
 
+/// The file authz writes its token-verification public key to (SPKI PEM), for services that
+/// verify tokens themselves, such as a standalone approvals (`approvals.auth.public_keys`).
+pub const PUBLIC_KEY_FILE: &str = "authz-public-key.pem";
+
 /// The file `agentgate up` writes the first admin credential to.
 pub const ADMIN_TOKEN_FILE: &str = "admin.token";
 
@@ -103,6 +107,15 @@ pub async fn start(config: &AuthzConfig, data_dir: &Path) -> anyhow::Result<Runn
         .with_context(|| format!("authz database {}", redact(&url)))?;
     let key = agentgate_audit_chain::SigningKeyFile::load_or_generate(&config.signing_key_path(data_dir))?;
     let issuer = TokenIssuer::new(&key, config.issuer.clone())?;
+    // The public half, for services that verify agentgate tokens on their own (approvals).
+    let public_pem = {
+        use ed25519_dalek::pkcs8::EncodePublicKey as _;
+        key.verifying_key()
+            .to_public_key_pem(ed25519_dalek::pkcs8::spki::der::pem::LineEnding::LF)
+            .map_err(|e| anyhow::anyhow!("authz public key: {e}"))?
+    };
+    let public_path = data_dir.join(PUBLIC_KEY_FILE);
+    std::fs::write(&public_path, public_pem).with_context(|| format!("writing {}", public_path.display()))?;
 
     let policy_path = config.policy_path(data_dir);
     if config.policy.is_none() && !policy_path.exists() {
