@@ -87,12 +87,21 @@ COPY --from=builder /out/agentgate-audit-store /usr/local/bin/agentgate-audit-st
 EXPOSE 7403 9464
 ENTRYPOINT ["/usr/local/bin/agentgate-audit-store"]
 
-# Later services follow the same pattern, e.g.:
-#
-# FROM runtime AS authz
-# COPY --from=builder /out/agentgate-authz /usr/local/bin/agentgate-authz
-# EXPOSE <its gRPC port> 9464
-# ENTRYPOINT ["/usr/local/bin/agentgate-authz"]
+# ---------------------------------------------------------------------------------------------
+FROM runtime AS authz
+COPY --from=builder /out/agentgate-authz /usr/local/bin/agentgate-authz
+# 7404: gRPC (tokens, sessions, grants, access requests); 9464: /metrics.
+EXPOSE 7404 9464
+ENTRYPOINT ["/usr/local/bin/agentgate-authz"]
+
+# ---------------------------------------------------------------------------------------------
+FROM runtime AS approvals
+COPY --from=builder /out/agentgate-approvals /usr/local/bin/agentgate-approvals
+# 7405: gRPC (create, review, watch); 9464: /metrics.
+EXPOSE 7405 9464
+ENTRYPOINT ["/usr/local/bin/agentgate-approvals"]
+
+# Later services (the proxies) follow the same pattern.
 
 # ---------------------------------------------------------------------------------------------
 # The CLI: operator commands (`agentgate audit verify BUNDLE`, `agentgate dev certs`, ...) and

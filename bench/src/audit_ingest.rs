@@ -117,6 +117,8 @@ async fn run(args: &Args) -> anyhow::Result<()> {
     let mut target = start_target(args).await?;
     let settings = database_settings(&target.database_url).await?;
     let before = count_events(&target.database_url).await?;
+    let postmaster = postmaster_pid(&target.database_url).await;
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
 
     // Each client opens its own HTTP/2 connection, as separate proxies would.
     let mut clients = Vec::with_capacity(args.clients);
@@ -132,7 +134,8 @@ async fn run(args: &Args) -> anyhow::Result<()> {
         );
     }
 
-    let barrier = Arc::new(Barrier::new(args.clients));
+    // The clients and this task: CPU counters are read when every client is warm.
+    let barrier = Arc::new(Barrier::new(args.clients + 1));
     let mut tasks = Vec::with_capacity(args.clients);
     for (i, client) in clients.into_iter().enumerate() {
         let share = |total: u64| {
@@ -151,10 +154,16 @@ async fn run(args: &Args) -> anyhow::Result<()> {
             run_client(client, plan, barrier).await
         }));
     }
+    let cpu_before = tokio::select! {
+        _ = barrier.wait() => CpuSample::take(postmaster),
+        // A client that fails during warm-up never reaches the barrier.
+        Some(failed) = first_failure(&mut tasks) => return Err(failed),
+    };
     let mut reports = Vec::with_capacity(tasks.len());
     for t in tasks {
         reports.push(t.await.context("client task")??);
     }
+    let cpu = CpuSample::take(postmaster).since(&cpu_before);
 
     let started = reports
         .iter()
@@ -215,6 +224,21 @@ async fn run(args: &Args) -> anyhow::Result<()> {
         ms(percentile(&latencies, 0.99)),
     );
     println!();
+    println!(
+        "  CPU while measuring (2 cores = {:.0} core-s): this process (clients + store) {:.1} core-s, \
+         Postgres cluster {}, whole machine {:.1} core-s busy; load average before: {}",
+        wall.as_secs_f64() * cpu.cores as f64,
+        cpu.process,
+        match cpu.postgres {
+            Some(pg) => format!("{pg:.1} core-s"),
+            None => "n/a".into(),
+        },
+        cpu.machine_busy,
+        load.split_whitespace()
+            .take(3)
+            .collect::<Vec<_>>()
+            .join(" "),
+    );
     println!(
         "  acks: {stored} stored, {duplicates} duplicates, {gaps} gaps (warm-up included: {sent} sent); rows added: {rows}"
     );
@@ -336,6 +360,117 @@ async fn count_events(url: &str) -> anyhow::Result<u64> {
             .await?
     };
     Ok(n as u64)
+}
+
+/// Waits for the first client task that ends in an error (or never, if none does).
+async fn first_failure(
+    tasks: &mut [tokio::task::JoinHandle<anyhow::Result<ClientReport>>],
+) -> Option<anyhow::Error> {
+    loop {
+        for t in tasks.iter_mut() {
+            if t.is_finished() {
+                match t.await {
+                    Err(e) => return Some(e.into()),
+                    Ok(Err(e)) => return Some(e),
+                    // Finished fine before the barrier: cannot happen, it waits there.
+                    Ok(Ok(_)) => {}
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The process id of the Postgres postmaster behind `url`, when it runs on this machine.
+async fn postmaster_pid(url: &str) -> Option<u32> {
+    if url.starts_with("sqlite://") {
+        return None;
+    }
+    let mut conn = sqlx::PgConnection::connect(url).await.ok()?;
+    let backend: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+        .fetch_one(&mut conn)
+        .await
+        .ok()?;
+    proc_stat(backend as u32).map(|s| s.ppid)
+}
+
+/// CPU used so far, in core-seconds, from /proc (Linux; USER_HZ taken as 100).
+struct CpuSample {
+    process: f64,
+    /// Every process of the Postgres cluster (postmaster and its children).
+    postgres: Option<f64>,
+    machine_busy: f64,
+    cores: usize,
+}
+
+struct ProcStat {
+    ppid: u32,
+    cpu: f64,
+}
+
+fn proc_stat(pid: u32) -> Option<ProcStat> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name is in parentheses and may hold spaces: split after it.
+    let rest = &text[text.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // Fields 4 (ppid), 14 (utime), 15 (stime) of proc(5), counted from `state` = 3.
+    let ppid = fields.get(1)?.parse().ok()?;
+    let utime: f64 = fields.get(11)?.parse().ok()?;
+    let stime: f64 = fields.get(12)?.parse().ok()?;
+    Some(ProcStat {
+        ppid,
+        cpu: (utime + stime) / 100.0,
+    })
+}
+
+impl CpuSample {
+    fn take(postmaster: Option<u32>) -> CpuSample {
+        let process = proc_stat(std::process::id()).map(|s| s.cpu).unwrap_or(0.0);
+        let postgres = postmaster.map(|pm| {
+            let children: f64 = std::fs::read_dir("/proc")
+                .into_iter()
+                .flatten()
+                .flatten()
+                .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+                .filter_map(proc_stat)
+                .filter(|s| s.ppid == pm)
+                .map(|s| s.cpu)
+                .sum();
+            children + proc_stat(pm).map(|s| s.cpu).unwrap_or(0.0)
+        });
+        let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+        let cores = stat
+            .lines()
+            .filter(|l| l.starts_with("cpu") && l.as_bytes().get(3).is_some_and(u8::is_ascii_digit))
+            .count()
+            .max(1);
+        let ticks: Vec<f64> = stat
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .split_whitespace()
+            .skip(1)
+            .filter_map(|v| v.parse().ok())
+            .collect();
+        // user nice system idle iowait irq softirq steal ...: busy is all but idle and iowait.
+        let total: f64 = ticks.iter().take(8).sum();
+        let idle = ticks.get(3).copied().unwrap_or(0.0) + ticks.get(4).copied().unwrap_or(0.0);
+        CpuSample {
+            process,
+            postgres,
+            machine_busy: (total - idle) / 100.0,
+            cores,
+        }
+    }
+
+    fn since(&self, before: &CpuSample) -> CpuSample {
+        CpuSample {
+            process: self.process - before.process,
+            postgres: self.postgres.zip(before.postgres).map(|(a, b)| a - b),
+            machine_busy: self.machine_busy - before.machine_busy,
+            cores: self.cores,
+        }
+    }
 }
 
 struct ClientPlan {

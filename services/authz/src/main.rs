@@ -12,8 +12,6 @@ struct FileConfig {
     data_dir: Option<PathBuf>,
     telemetry: agentgate_telemetry::TelemetryConfig,
     authz: agentgate_authz::AuthzConfig,
-    #[serde(flatten)]
-    other: std::collections::BTreeMap<String, serde_json::Value>,
 }
 
 #[tokio::main]
