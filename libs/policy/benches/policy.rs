@@ -68,7 +68,10 @@ fn bench(c: &mut Criterion) {
         })
     });
     group.throughput(Throughput::Elements(1));
-    group.bench_function("session_policy (per session open)", |b| {
+    group.bench_function("session_policy, first time (per session open)", |b| {
+        b.iter(|| black_box(engine.compute_session_policy(black_box(&p), "prod-db", "write")))
+    });
+    group.bench_function("session_policy, cached (per session open)", |b| {
         b.iter(|| black_box(engine.session_policy(black_box(&p), "prod-db", "write")))
     });
     group.bench_function("standing_access (per session open)", |b| {

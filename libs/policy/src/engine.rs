@@ -3,6 +3,7 @@
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::path::Path;
 use std::str::FromStr;
+use std::sync::Mutex;
 use std::time::Duration;
 
 use agentgate_proto::authz::v1::{MaskingRule, RiskRule, SessionPolicy};
@@ -44,7 +45,26 @@ pub struct PolicyEngine {
     execute_permit_depends_on_approved: bool,
     authorizer: Authorizer,
     names: Names,
+    /// Session policies already computed by this (immutable) engine; see
+    /// [`PolicyEngine::session_policy`].
+    sessions: Mutex<HashMap<SessionKey, SessionPolicy>>,
 }
+
+/// Everything a session policy depends on: the principal's identity attributes, the
+/// connection and the role (not the token id).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct SessionKey {
+    subject: String,
+    kind: i32,
+    issuer: String,
+    groups: Vec<String>,
+    connection: String,
+    role: String,
+}
+
+/// How many session policies an engine keeps before it starts over. A few thousand distinct
+/// (principal, connection, role) triples cover a large deployment; each entry is about 2 KiB.
+const SESSION_CACHE_ENTRIES: usize = 4096;
 
 /// Parsed entity type names and action ids, built once per engine.
 struct Names {
@@ -342,6 +362,7 @@ impl PolicyEngine {
             meta: meta_by_id,
             authorizer: Authorizer::new(),
             names,
+            sessions: Mutex::new(HashMap::new()),
         })
     }
 
@@ -471,7 +492,44 @@ impl PolicyEngine {
     /// operations with no class, the masking rules, the approval timeout (the shortest
     /// `@approval_timeout` among the policies behind the session's approval rules, else
     /// [`DEFAULT_APPROVAL_TIMEOUT`]) and the policy version.
+    ///
+    /// Computing one takes about fifty Cedar evaluations, so results are kept for the life of
+    /// this engine (it never changes; a reload is a new engine with an empty cache), keyed by
+    /// subject, kind, issuer, groups, connection and role: the second session of the same
+    /// agent on the same connection costs a hash lookup.
     pub fn session_policy(&self, p: &Principal, connection: &str, role: &str) -> SessionPolicy {
+        let mut groups = p.groups.clone();
+        groups.sort();
+        groups.dedup();
+        let key = SessionKey {
+            subject: p.subject.clone(),
+            kind: p.kind,
+            issuer: p.issuer.clone(),
+            groups,
+            connection: connection.to_owned(),
+            role: role.to_owned(),
+        };
+        if let Some(policy) = self.sessions.lock().ok().and_then(|c| c.get(&key).cloned()) {
+            return policy;
+        }
+        let policy = self.compute_session_policy(p, connection, role);
+        if let Ok(mut cache) = self.sessions.lock() {
+            if cache.len() >= SESSION_CACHE_ENTRIES {
+                cache.clear();
+            }
+            cache.insert(key, policy.clone());
+        }
+        policy
+    }
+
+    /// [`PolicyEngine::session_policy`] without the cache: always evaluates. For benchmarks
+    /// and for callers that want to measure or bypass the cache.
+    pub fn compute_session_policy(
+        &self,
+        p: &Principal,
+        connection: &str,
+        role: &str,
+    ) -> SessionPolicy {
         let subject = self.subject(p, connection);
         let mut risk_rules = Vec::with_capacity(RISK_CLASSES.len() + 1);
         let mut timeout: Option<Duration> = None;

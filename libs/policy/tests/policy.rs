@@ -655,3 +655,26 @@ fn authorize_matches_decide_on_the_example() {
         assert_eq!(local, central, "{classes:?}");
     }
 }
+
+#[test]
+fn session_policies_are_cached_per_identity_connection_and_role() {
+    let engine = example();
+    let a = agent("agent:ci", &["deployers", "builders"]);
+    let b = agent("agent:ci", &["builders", "deployers"]);
+    let first = engine.session_policy(&a, "prod-db", "write");
+    assert_eq!(first, engine.compute_session_policy(&a, "prod-db", "write"));
+    assert_eq!(engine.session_policy(&b, "prod-db", "write"), first);
+    // a different role, group set or kind is a different entry
+    assert_ne!(engine.session_policy(&a, "prod-db", "read"), first);
+    let lead = agent("agent:ci", &["support-leads"]);
+    assert_ne!(engine.session_policy(&lead, "prod-db", "write"), first);
+    let person = human("agent:ci", &["deployers", "builders"]);
+    assert_ne!(engine.session_policy(&person, "prod-db", "write"), first);
+}
+
+#[test]
+fn engine_and_store_are_send_and_sync() {
+    fn assert_send_sync<T: Send + Sync>() {}
+    assert_send_sync::<PolicyEngine>();
+    assert_send_sync::<agentgate_policy::PolicyStore>();
+}

@@ -73,7 +73,24 @@ impl Store {
             url.to_owned()
         };
         let options = AnyConnectOptions::from_str(&url)?.disable_statement_logging();
-        let pool = AnyPoolOptions::new().max_connections(8).connect_with(options).await?;
+        let sqlite = url.starts_with("sqlite:");
+        // SQLite allows one writer: one connection avoids lock retries between our own
+        // connections. WAL with NORMAL sync: a crash may lose the last session rows, never
+        // corrupt them; the evidence itself lives in the audit store.
+        let pool = AnyPoolOptions::new()
+            .max_connections(if sqlite { 1 } else { 8 })
+            .after_connect(move |conn, _| {
+                Box::pin(async move {
+                    if sqlite {
+                        use sqlx::Executor as _;
+                        conn.execute("PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA busy_timeout = 10000;")
+                            .await?;
+                    }
+                    Ok(())
+                })
+            })
+            .connect_with(options)
+            .await?;
         sqlx::migrate!("./migrations").run(&pool).await?;
         Ok(Store { pool })
     }

@@ -95,14 +95,20 @@ impl PgStore {
         let (head, last_cp) = Self::head_in(&mut tx).await?;
         let t1 = t0.elapsed();
 
-        let (ids, seqs): (Vec<String>, Vec<i64>) = Plan::keys(&batches).into_iter().unzip();
+        // One index range scan per run of consecutive sequence numbers, not one probe per
+        // event: a run holds only keys asked for, so the rows found are exactly the stored ones.
+        let (ids, (from, to)): (Vec<String>, (Vec<i64>, Vec<i64>)) = key_runs(Plan::keys(&batches))
+            .into_iter()
+            .map(|(id, from, to)| (id, (from, to)))
+            .unzip();
         let existing: HashSet<(String, i64)> = sqlx::query_as(
             "SELECT e.session_id, e.session_sequence FROM audit_events e \
-             JOIN UNNEST($1::text[], $2::bigint[]) AS k(session_id, session_sequence) \
-             ON e.session_id = k.session_id AND e.session_sequence = k.session_sequence",
+             JOIN UNNEST($1::text[], $2::bigint[], $3::bigint[]) AS k(session_id, first, last) \
+             ON e.session_id = k.session_id AND e.session_sequence BETWEEN k.first AND k.last",
         )
         .bind(&ids)
-        .bind(&seqs)
+        .bind(&from)
+        .bind(&to)
         .fetch_all(&mut *tx)
         .await?
         .into_iter()
@@ -234,33 +240,69 @@ impl PgStore {
     }
 }
 
+/// The keys as runs of consecutive sequence numbers per session: (session, first, last).
+fn key_runs(mut keys: Vec<(String, i64)>) -> Vec<(String, i64, i64)> {
+    keys.sort_unstable();
+    keys.dedup();
+    let mut runs: Vec<(String, i64, i64)> = Vec::new();
+    for (id, seq) in keys {
+        match runs.last_mut() {
+            Some((last_id, _, last)) if *last_id == id && last.checked_add(1) == Some(seq) => *last = seq,
+            _ => runs.push((id, seq, seq)),
+        }
+    }
+    runs
+}
+
+/// Writes the rows with `COPY ... FROM STDIN (FORMAT binary)`: the cheapest way into
+/// Postgres (multi-row heap inserts, no array to unpack). Same rows, same transaction, same
+/// constraints as an INSERT; a duplicate key still fails the whole group.
 async fn insert_events(
     tx: &mut Transaction<'static, Postgres>,
     rows: &[StoredRow],
 ) -> Result<(), StoreError> {
-    let col = |f: fn(&StoredRow) -> i64| rows.iter().map(f).collect::<Vec<_>>();
-    let text = |f: fn(&StoredRow) -> &str| rows.iter().map(|r| f(r).to_owned()).collect::<Vec<_>>();
-    sqlx::query(concat!(
-        "INSERT INTO audit_events (",
-        event_columns!(),
-        ") SELECT * FROM UNNEST($1::bigint[], $2::bigint[], \
-         $3::text[], $4::bigint[], $5::bigint[], $6::text[], $7::text[], $8::text[], $9::int[], \
-         $10::bytea[], $11::bytea[])"
-    ))
-    .bind(col(|r| r.chain_sequence))
-    .bind(col(|r| r.stored_at_us))
-    .bind(text(|r| &r.session_id))
-    .bind(col(|r| r.session_sequence))
-    .bind(col(|r| r.occurred_at_us))
-    .bind(text(|r| &r.kind))
-    .bind(text(|r| &r.principal))
-    .bind(text(|r| &r.connection))
-    .bind(rows.iter().map(|r| r.protocol).collect::<Vec<_>>())
-    .bind(rows.iter().map(|r| r.body.as_slice()).collect::<Vec<_>>())
-    .bind(rows.iter().map(|r| r.hash.as_slice()).collect::<Vec<_>>())
-    .execute(&mut **tx)
-    .await?;
+    let mut copy = tx
+        .copy_in_raw(concat!(
+            "COPY audit_events (",
+            event_columns!(),
+            ") FROM STDIN (FORMAT binary)"
+        ))
+        .await?;
+    let mut buf = Vec::with_capacity(1 << 20);
+    buf.extend_from_slice(b"PGCOPY\n\xff\r\n\0");
+    buf.extend_from_slice(&0i32.to_be_bytes()); // flags
+    buf.extend_from_slice(&0i32.to_be_bytes()); // header extension length
+    for r in rows {
+        buf.extend_from_slice(&11i16.to_be_bytes());
+        for v in [r.chain_sequence, r.stored_at_us] {
+            copy_field(&mut buf, &v.to_be_bytes());
+        }
+        copy_field(&mut buf, r.session_id.as_bytes());
+        for v in [r.session_sequence, r.occurred_at_us] {
+            copy_field(&mut buf, &v.to_be_bytes());
+        }
+        for v in [&r.kind, &r.principal, &r.connection] {
+            copy_field(&mut buf, v.as_bytes());
+        }
+        copy_field(&mut buf, &r.protocol.to_be_bytes());
+        copy_field(&mut buf, &r.body);
+        copy_field(&mut buf, &r.hash);
+        if buf.len() >= 1 << 20 {
+            copy.send(std::mem::take(&mut buf)).await?;
+            buf.reserve(1 << 20);
+        }
+    }
+    buf.extend_from_slice(&(-1i16).to_be_bytes()); // trailer
+    copy.send(buf).await?;
+    copy.finish().await?;
     Ok(())
+}
+
+/// One field of a binary COPY tuple: its length, then its bytes.
+fn copy_field(buf: &mut Vec<u8>, value: &[u8]) {
+    // Every field is bounded far below 2 GiB (an event is at most 1 MiB).
+    buf.extend_from_slice(&(value.len() as i32).to_be_bytes());
+    buf.extend_from_slice(value);
 }
 
 async fn upsert_sessions(
@@ -340,4 +382,21 @@ async fn insert_checkpoint(
     .execute(&mut **tx)
     .await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::key_runs;
+
+    #[test]
+    fn keys_become_runs_of_consecutive_sequences() {
+        let keys = [("b", 2), ("a", 1), ("a", 2), ("a", 4), ("b", 3), ("a", 2), ("b", i64::MAX)]
+            .map(|(s, n)| (s.to_string(), n))
+            .to_vec();
+        let runs = key_runs(keys);
+        let expect = [("a", 1, 2), ("a", 4, 4), ("b", 2, 3), ("b", i64::MAX, i64::MAX)]
+            .map(|(s, a, b)| (s.to_string(), a, b))
+            .to_vec();
+        assert_eq!(runs, expect);
+    }
 }
