@@ -52,9 +52,15 @@ async fn main() -> anyhow::Result<()> {
             name: "prod-db".into(),
             protocol: "postgres".into(),
             upstream: "127.0.0.1:5432".into(),
-            roles: [("read".to_string(), UpstreamConfig { user: "agent_ro".into(), secret: None })]
-                .into_iter()
-                .collect(),
+            roles: [(
+                "read".to_string(),
+                UpstreamConfig {
+                    user: "agent_ro".into(),
+                    secret: None,
+                },
+            )]
+            .into_iter()
+            .collect(),
             settings: Default::default(),
         }],
         ..Default::default()
@@ -85,7 +91,9 @@ async fn main() -> anyhow::Result<()> {
                 }
                 let opened = client
                     .open_session(
-                        Credential { kind: Some(Kind::Password(agent.clone())) },
+                        Credential {
+                            kind: Some(Kind::Password(agent.clone())),
+                        },
                         "prod-db",
                         "read",
                         Protocol::Postgres,
@@ -106,7 +114,11 @@ async fn main() -> anyhow::Result<()> {
         all.extend(t.await??);
     }
     all.sort();
-    let pct = |p: f64| all.get(((all.len() as f64 * p) as usize).min(all.len().saturating_sub(1))).copied().unwrap_or_default();
+    let pct = |p: f64| {
+        all.get(((all.len() as f64 * p) as usize).min(all.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or_default()
+    };
     println!(
         "OpenSession: {} clients, {} s: {:.0} sessions/s, p50 {:.2} ms, p99 {:.2} ms",
         args.clients,

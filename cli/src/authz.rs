@@ -20,7 +20,11 @@ use crate::client::status;
 #[derive(Args, Clone)]
 pub struct AuthzArgs {
     /// authz's gRPC URL.
-    #[arg(long = "authz", env = "AGENTGATE_AUTHZ_URL", default_value = "http://127.0.0.1:7404")]
+    #[arg(
+        long = "authz",
+        env = "AGENTGATE_AUTHZ_URL",
+        default_value = "http://127.0.0.1:7404"
+    )]
     pub url: String,
     /// Your agentgate token. Default: the bootstrap admin token `agentgate up` wrote
     /// (DATA_DIR/admin.token), if readable.
@@ -43,7 +47,12 @@ impl AuthzArgs {
             .join(agentgate_authz::ADMIN_TOKEN_FILE);
         std::fs::read_to_string(&path)
             .map(|t| t.trim().to_owned())
-            .with_context(|| format!("no token: pass --token or set AGENTGATE_TOKEN (no {} either)", path.display()))
+            .with_context(|| {
+                format!(
+                    "no token: pass --token or set AGENTGATE_TOKEN (no {} either)",
+                    path.display()
+                )
+            })
     }
 
     async fn connect(&self) -> anyhow::Result<(AuthzClient<Channel>, String)> {
@@ -58,7 +67,9 @@ fn with_token<T>(token: &str, message: T) -> anyhow::Result<tonic::Request<T>> {
     let mut r = tonic::Request::new(message);
     r.metadata_mut().insert(
         "authorization",
-        format!("Bearer {token}").parse().context("the token is not valid header text")?,
+        format!("Bearer {token}")
+            .parse()
+            .context("the token is not valid header text")?,
     );
     Ok(r)
 }
@@ -181,18 +192,35 @@ pub async fn token(cmd: TokenCommand) -> anyhow::Result<()> {
                 .await
                 .map_err(status)?
                 .into_inner();
-            eprintln!("token id {} expires {}", r.token_id, show(r.expires_at.as_ref()));
+            eprintln!(
+                "token id {} expires {}",
+                r.token_id,
+                show(r.expires_at.as_ref())
+            );
             println!("{}", r.token);
             Ok(())
         }
-        TokenCommand::Revoke { authz, token_id, reason } => {
+        TokenCommand::Revoke {
+            authz,
+            token_id,
+            reason,
+        } => {
             let (mut c, token) = authz.connect().await?;
             let r = c
-                .revoke_token(with_token(&token, RevokeTokenRequest { token_id: token_id.clone(), reason })?)
+                .revoke_token(with_token(
+                    &token,
+                    RevokeTokenRequest {
+                        token_id: token_id.clone(),
+                        reason,
+                    },
+                )?)
                 .await
                 .map_err(status)?
                 .into_inner();
-            println!("revoked token {token_id}; {} live sessions ended", r.sessions_ended);
+            println!(
+                "revoked token {token_id}; {} live sessions ended",
+                r.sessions_ended
+            );
             Ok(())
         }
     }
@@ -229,7 +257,10 @@ pub async fn access(cmd: AccessCommand) -> anyhow::Result<()> {
         humantime::format_duration(Duration::from_secs(granted as u64)),
         r.approval_id
     );
-    println!("a reviewer approves it with: agentgate approvals approve {}", r.approval_id);
+    println!(
+        "a reviewer approves it with: agentgate approvals approve {}",
+        r.approval_id
+    );
     Ok(())
 }
 
@@ -267,20 +298,37 @@ pub async fn grants(cmd: GrantsCommand) -> anyhow::Result<()> {
                     g.role,
                     show(g.expires_at.as_ref()),
                     if g.revoked { " (REVOKED)" } else { "" },
-                    if g.approved_by.is_empty() { "-".into() } else { g.approved_by.join(",") },
+                    if g.approved_by.is_empty() {
+                        "-".into()
+                    } else {
+                        g.approved_by.join(",")
+                    },
                     g.reason
                 );
             }
             Ok(())
         }
-        GrantsCommand::Revoke { authz, grant_id, reason } => {
+        GrantsCommand::Revoke {
+            authz,
+            grant_id,
+            reason,
+        } => {
             let (mut c, token) = authz.connect().await?;
             let r = c
-                .revoke_grant(with_token(&token, RevokeGrantRequest { grant_id: grant_id.clone(), reason })?)
+                .revoke_grant(with_token(
+                    &token,
+                    RevokeGrantRequest {
+                        grant_id: grant_id.clone(),
+                        reason,
+                    },
+                )?)
                 .await
                 .map_err(status)?
                 .into_inner();
-            println!("revoked grant {grant_id}; {} live sessions ended", r.sessions_ended);
+            println!(
+                "revoked grant {grant_id}; {} live sessions ended",
+                r.sessions_ended
+            );
             Ok(())
         }
     }
@@ -296,7 +344,12 @@ pub async fn connections(authz: AuthzArgs) -> anyhow::Result<()> {
         .connections;
     for conn in list {
         let roles: Vec<String> = conn.roles.iter().map(|r| r.role.clone()).collect();
-        println!("{:<20} {:<40} roles: {}", conn.name, conn.upstream_address, roles.join(", "));
+        println!(
+            "{:<20} {:<40} roles: {}",
+            conn.name,
+            conn.upstream_address,
+            roles.join(", ")
+        );
     }
     Ok(())
 }

@@ -45,13 +45,20 @@ impl StoreArgs {
 
 /// Connects to one of agentgate's services, or explains in one line why not: a URL that is
 /// not http(s), or a service that does not answer.
-pub async fn channel(service: &str, url: &str, tls: Option<agentgate_tls::TlsConfig>) -> anyhow::Result<Channel> {
+pub async fn channel(
+    service: &str,
+    url: &str,
+    tls: Option<agentgate_tls::TlsConfig>,
+) -> anyhow::Result<Channel> {
     let uri: http::Uri = url
         .parse()
         .ok()
-        .filter(|u: &http::Uri| matches!(u.scheme_str(), Some("http" | "https")) && u.host().is_some())
+        .filter(|u: &http::Uri| {
+            matches!(u.scheme_str(), Some("http" | "https")) && u.host().is_some()
+        })
         .with_context(|| format!("{service} URL {url:?} is not an http:// or https:// URL"))?;
-    let mut endpoint = Endpoint::from(uri.clone()).connect_timeout(std::time::Duration::from_secs(5));
+    let mut endpoint =
+        Endpoint::from(uri.clone()).connect_timeout(std::time::Duration::from_secs(5));
     if uri.scheme_str() == Some("https")
         && let Some(tls) = tls
         && let Some(tls) = agentgate_tls::grpc_client_tls(&tls, uri.host().unwrap_or_default())?

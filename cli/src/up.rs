@@ -42,7 +42,8 @@ pub fn default_data_dir() -> PathBuf {
 }
 
 pub async fn run(args: UpArgs) -> anyhow::Result<()> {
-    let config: GatewayConfig = agentgate_config::load(args.config.as_deref(), "AGENTGATE", &["data_dir"])?;
+    let config: GatewayConfig =
+        agentgate_config::load(args.config.as_deref(), "AGENTGATE", &["data_dir"])?;
     let _telemetry = agentgate_telemetry::init("agentgate", &config.telemetry)?;
     let data_dir = args
         .data_dir
@@ -51,24 +52,38 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     create_private_dir(&data_dir)?;
 
     let metrics = agentgate_telemetry::Metrics::new("agentgate");
-    let audit = agentgate_audit_store::start(&config.audit_store, &data_dir, Some(&metrics)).await?;
+    let audit =
+        agentgate_audit_store::start(&config.audit_store, &data_dir, Some(&metrics)).await?;
     let scheme = |tls: &agentgate_tls::TlsConfig| if tls.enabled() { "https" } else { "http" };
     let audit_url = format!("{}://{}", scheme(&config.audit_store.tls), audit.addr);
 
     // Services in one process find each other at the addresses they bound, unless the
     // configuration names others.
     let mut authz_config = config.authz.clone();
-    authz_config.audit_url.get_or_insert_with(|| audit_url.clone());
     authz_config
-        .approvals_url
-        .get_or_insert_with(|| format!("{}://{}", scheme(&config.approvals.tls), config.approvals.listen));
+        .audit_url
+        .get_or_insert_with(|| audit_url.clone());
+    authz_config.approvals_url.get_or_insert_with(|| {
+        format!(
+            "{}://{}",
+            scheme(&config.approvals.tls),
+            config.approvals.listen
+        )
+    });
     let authz = agentgate_authz::start(&authz_config, &data_dir).await?;
     let mut approvals_config = config.approvals.clone();
-    if approvals_config.audit.endpoint == agentgate_approvals::config::AuditConfig::default().endpoint {
+    if approvals_config.audit.endpoint
+        == agentgate_approvals::config::AuditConfig::default().endpoint
+    {
         approvals_config.audit.endpoint = audit_url.clone();
     }
-    let approvals =
-        agentgate_approvals::start(&approvals_config, &data_dir, authz.authenticator(), Some(&metrics)).await?;
+    let approvals = agentgate_approvals::start(
+        &approvals_config,
+        &data_dir,
+        authz.authenticator(),
+        Some(&metrics),
+    )
+    .await?;
 
     let metrics_server = match config.telemetry.metrics_address {
         Some(addr) => Some(
@@ -91,7 +106,11 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         authz.addr,
         authz.admin_token_path.display()
     );
-    println!("  approvals    {}://{}", scheme(&approvals_config.tls), approvals.addr);
+    println!(
+        "  approvals    {}://{}",
+        scheme(&approvals_config.tls),
+        approvals.addr
+    );
     if let Some(m) = &metrics_server {
         println!("  metrics      http://{}/metrics", m.local_addr());
     }

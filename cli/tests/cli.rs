@@ -266,23 +266,62 @@ async fn up_then_audit_commands_then_ctrl_c() {
     let data = dir.path().join("data");
     let data = data.to_str().unwrap();
     let authz = gw.authz_url.clone();
-    let issued = agentgate(&["token", "issue", "--authz", &authz, "--data-dir", data, "--subject", "agent:deploy-bot", "--ttl", "15m"]);
+    let issued = agentgate(&[
+        "token",
+        "issue",
+        "--authz",
+        &authz,
+        "--data-dir",
+        data,
+        "--subject",
+        "agent:deploy-bot",
+        "--ttl",
+        "15m",
+    ]);
     assert!(issued.status.success(), "{}", stderr(&issued));
     let agent_token = stdout(&issued).trim().to_owned();
     assert_eq!(agent_token.split('.').count(), 3, "a JWT alone on stdout");
     assert!(stderr(&issued).contains("token id"), "{}", stderr(&issued));
     let connections = agentgate(&["connections", "--authz", &authz, "--token", &agent_token]);
-    assert!(stdout(&connections).contains("prod-db"), "{}", stderr(&connections));
+    assert!(
+        stdout(&connections).contains("prod-db"),
+        "{}",
+        stderr(&connections)
+    );
     let grants = agentgate(&["grants", "list", "--authz", &authz, "--token", &agent_token]);
     assert_eq!(stdout(&grants).trim(), "no grants", "{}", stderr(&grants));
     // The default policy permits nothing: the request is refused, and says why.
     let request = agentgate(&[
-        "access", "request", "--authz", &authz, "--token", &agent_token, "--connection", "prod-db", "--role", "read",
-        "--for", "30m", "--reason", "debugging",
+        "access",
+        "request",
+        "--authz",
+        &authz,
+        "--token",
+        &agent_token,
+        "--connection",
+        "prod-db",
+        "--role",
+        "read",
+        "--for",
+        "30m",
+        "--reason",
+        "debugging",
     ]);
-    assert_one_line_error(&request, "policy does not let agent:deploy-bot request read on prod-db");
+    assert_one_line_error(
+        &request,
+        "policy does not let agent:deploy-bot request read on prod-db",
+    );
     // An agent cannot issue tokens.
-    let not_admin = agentgate(&["token", "issue", "--authz", &authz, "--token", &agent_token, "--subject", "agent:x"]);
+    let not_admin = agentgate(&[
+        "token",
+        "issue",
+        "--authz",
+        &authz,
+        "--token",
+        &agent_token,
+        "--subject",
+        "agent:x",
+    ]);
     assert_one_line_error(&not_admin, "not in the admin group");
 
     // Ctrl-C stops it cleanly.

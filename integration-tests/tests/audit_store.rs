@@ -561,7 +561,9 @@ async fn retention_keeps_the_chain_verifiable(backend: Backend) {
 async fn a_replaced_signing_key_is_refused_at_start(backend: Backend) {
     let mut fx = AuditStoreFixture::start(backend, 5).await.unwrap();
     let mut c = fx.client().await.unwrap();
-    ingest(&mut c, vec![session_events(&new_session(), 1..=5)]).await.unwrap();
+    ingest(&mut c, vec![session_events(&new_session(), 1..=5)])
+        .await
+        .unwrap();
     fx.stop().await.unwrap();
     // The key file is lost; a fresh one would sign checkpoints the old ones do not match.
     std::fs::remove_file(fx.config.signing_key_path(fx.data_dir.path())).unwrap();
@@ -569,7 +571,10 @@ async fn a_replaced_signing_key_is_refused_at_start(backend: Backend) {
         Ok(_) => panic!("a store with a new key over old checkpoints must not start"),
         Err(e) => e.to_string(),
     };
-    assert!(err.contains("did not sign this store's checkpoints"), "{err}");
+    assert!(
+        err.contains("did not sign this store's checkpoints"),
+        "{err}"
+    );
 }
 
 macro_rules! on_both_backends {

@@ -9,7 +9,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use agentgate_authz::client::{AuthzClient, Refused};
-use agentgate_authz::{AuthzConfig, ConnectionConfig, OidcIssuerConfig, RunningAuthz, UpstreamConfig};
+use agentgate_authz::{
+    AuthzConfig, ConnectionConfig, OidcIssuerConfig, RunningAuthz, UpstreamConfig,
+};
 use agentgate_identity::{TokenRequest, key_id};
 use agentgate_integration_tests::{AuditStoreFixture, Backend, free_port};
 use agentgate_proto::approvals::v1::approvals_client::ApprovalsClient;
@@ -77,7 +79,9 @@ struct Stack {
 impl Stack {
     async fn start(oidc: Vec<OidcIssuerConfig>) -> Stack {
         agentgate_tls::install_crypto_provider();
-        let audit = AuditStoreFixture::start(Backend::Sqlite, 100).await.unwrap();
+        let audit = AuditStoreFixture::start(Backend::Sqlite, 100)
+            .await
+            .unwrap();
         let dir = tempfile::tempdir().unwrap();
         let policy_path = dir.path().join("policy.cedar");
         std::fs::write(&policy_path, POLICY).unwrap();
@@ -85,8 +89,20 @@ impl Stack {
         std::fs::write(&secret, "s3cret-ro\n").unwrap();
         let approvals_port = free_port().unwrap();
         let roles = [
-            ("read".to_string(), UpstreamConfig { user: "agent_ro".into(), secret: Some(format!("file:{}", secret.display())) }),
-            ("write".to_string(), UpstreamConfig { user: "agent_rw".into(), secret: None }),
+            (
+                "read".to_string(),
+                UpstreamConfig {
+                    user: "agent_ro".into(),
+                    secret: Some(format!("file:{}", secret.display())),
+                },
+            ),
+            (
+                "write".to_string(),
+                UpstreamConfig {
+                    user: "agent_rw".into(),
+                    secret: None,
+                },
+            ),
         ];
         let config = AuthzConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], free_port().unwrap())),
@@ -115,11 +131,19 @@ impl Stack {
             },
             ..Default::default()
         };
-        let approvals = agentgate_approvals::start(&approvals_config, dir.path(), authz.authenticator(), None)
-            .await
-            .unwrap();
+        let approvals =
+            agentgate_approvals::start(&approvals_config, dir.path(), authz.authenticator(), None)
+                .await
+                .unwrap();
         let authz_url = format!("http://{}", authz.addr);
-        let proxy = AuthzClient::new(&authz_url, &authz.service_token("pg-proxy", Duration::from_secs(600)).unwrap(), None).unwrap();
+        let proxy = AuthzClient::new(
+            &authz_url,
+            &authz
+                .service_token("pg-proxy", Duration::from_secs(600))
+                .unwrap(),
+            None,
+        )
+        .unwrap();
         Stack {
             audit,
             approvals_url: format!("http://127.0.0.1:{approvals_port}"),
@@ -132,7 +156,14 @@ impl Stack {
         }
     }
 
-    fn token(&self, subject: &str, kind: PrincipalKind, groups: &[&str], audience: &[&str], ttl: Duration) -> String {
+    fn token(
+        &self,
+        subject: &str,
+        kind: PrincipalKind,
+        groups: &[&str],
+        audience: &[&str],
+        ttl: Duration,
+    ) -> String {
         self.authz
             .core
             .issuer
@@ -148,18 +179,34 @@ impl Stack {
     }
 
     fn agent_token(&self) -> String {
-        self.token("agent:deploy-bot", PrincipalKind::Agent, &["agents"], &[], Duration::from_secs(600))
+        self.token(
+            "agent:deploy-bot",
+            PrincipalKind::Agent,
+            &["agents"],
+            &[],
+            Duration::from_secs(600),
+        )
     }
 
-    async fn open(&self, token: &str, connection: &str, role: &str) -> Result<agentgate_proto::authz::v1::OpenSessionResponse, Refused> {
+    async fn open(
+        &self,
+        token: &str,
+        connection: &str,
+        role: &str,
+    ) -> Result<agentgate_proto::authz::v1::OpenSessionResponse, Refused> {
         self.proxy
             .open_session(
-                Credential { kind: Some(Kind::Password(token.to_owned())) },
+                Credential {
+                    kind: Some(Kind::Password(token.to_owned())),
+                },
                 connection,
                 role,
                 Protocol::Postgres,
                 "192.0.2.10:5555",
-                ClientInfo { user_agent: "psql".into(), proxy: "pg-proxy".into() },
+                ClientInfo {
+                    user_agent: "psql".into(),
+                    proxy: "pg-proxy".into(),
+                },
             )
             .await
     }
@@ -171,9 +218,15 @@ impl Stack {
     /// Signs arbitrary claims with authz's own key, as a forger holding a copy would not be
     /// able to — used to build tokens that are valid except for one thing.
     fn sign_claims(&self, claims: &serde_json::Value, kid: Option<&str>) -> String {
-        let key = agentgate_audit_chain::SigningKeyFile::load_or_generate(&self.dir.path().join("authz-signing-key.pem")).unwrap();
+        let key = agentgate_audit_chain::SigningKeyFile::load_or_generate(
+            &self.dir.path().join("authz-signing-key.pem"),
+        )
+        .unwrap();
         let mut header = Header::new(Algorithm::EdDSA);
-        header.kid = Some(kid.map(str::to_owned).unwrap_or_else(|| key_id(&key.verifying_key())));
+        header.kid = Some(
+            kid.map(str::to_owned)
+                .unwrap_or_else(|| key_id(&key.verifying_key())),
+        );
         let der = key.to_pkcs8_der().unwrap();
         jsonwebtoken::encode(&header, claims, &EncodingKey::from_ed_der(der.as_bytes())).unwrap()
     }
@@ -181,12 +234,16 @@ impl Stack {
 
 fn bearer<T>(token: &str, message: T) -> tonic::Request<T> {
     let mut r = tonic::Request::new(message);
-    r.metadata_mut().insert("authorization", format!("Bearer {token}").parse().unwrap());
+    r.metadata_mut()
+        .insert("authorization", format!("Bearer {token}").parse().unwrap());
     r
 }
 
 fn now_secs() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -201,24 +258,80 @@ async fn forged_tokens_are_refused_and_recorded() {
     };
     let now = now_secs();
     let parts: Vec<&str> = good.split('.').collect();
-    let other = agentgate_identity::TokenIssuer::new(&ed25519_dalek::SigningKey::from_bytes(&[9; 32]), "agentgate").unwrap();
-    let foreign_sig = other.issue(&TokenRequest {
-        subject: "agent:deploy-bot".into(),
-        kind: PrincipalKind::Agent,
-        groups: vec!["agents".into()],
-        audience: vec![],
-        ttl: Duration::from_secs(60),
-    }).unwrap().0;
-    let none_header = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(br#"{"alg":"none","typ":"JWT"}"#);
+    let other = agentgate_identity::TokenIssuer::new(
+        &ed25519_dalek::SigningKey::from_bytes(&[9; 32]),
+        "agentgate",
+    )
+    .unwrap();
+    let foreign_sig = other
+        .issue(&TokenRequest {
+            subject: "agent:deploy-bot".into(),
+            kind: PrincipalKind::Agent,
+            groups: vec!["agents".into()],
+            audience: vec![],
+            ttl: Duration::from_secs(60),
+        })
+        .unwrap()
+        .0;
+    let none_header =
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(br#"{"alg":"none","typ":"JWT"}"#);
     let cases: Vec<(&str, String, &str, &str)> = vec![
-        ("wrong signature", format!("{}.{}.{}", parts[0], parts[1], foreign_sig.split('.').nth(2).unwrap()), "prod-db", "signature"),
-        ("alg none", format!("{none_header}.{}.", parts[1]), "prod-db", "\"none\""),
-        ("expired", s.sign_claims(&base(now - 60, now - 120, &[], "agentgate"), None), "prod-db", "expired"),
-        ("not yet valid", s.sign_claims(&base(now + 600, now + 300, &[], "agentgate"), None), "prod-db", "not yet valid"),
-        ("wrong audience", s.sign_claims(&base(now + 600, now, &["billing-api"], "agentgate"), None), "prod-db", "not for"),
-        ("wrong issuer", s.sign_claims(&base(now + 600, now, &[], "evil"), None), "prod-db", "issuer"),
-        ("unknown key id", s.sign_claims(&base(now + 600, now, &[], "agentgate"), Some("0000000000000000")), "prod-db", "unknown key"),
-        ("token for A used on B", s.sign_claims(&base(now + 600, now, &["prod-db"], "agentgate"), None), "other-db", "not for"),
+        (
+            "wrong signature",
+            format!(
+                "{}.{}.{}",
+                parts[0],
+                parts[1],
+                foreign_sig.split('.').nth(2).unwrap()
+            ),
+            "prod-db",
+            "signature",
+        ),
+        (
+            "alg none",
+            format!("{none_header}.{}.", parts[1]),
+            "prod-db",
+            "\"none\"",
+        ),
+        (
+            "expired",
+            s.sign_claims(&base(now - 60, now - 120, &[], "agentgate"), None),
+            "prod-db",
+            "expired",
+        ),
+        (
+            "not yet valid",
+            s.sign_claims(&base(now + 600, now + 300, &[], "agentgate"), None),
+            "prod-db",
+            "not yet valid",
+        ),
+        (
+            "wrong audience",
+            s.sign_claims(&base(now + 600, now, &["billing-api"], "agentgate"), None),
+            "prod-db",
+            "not for",
+        ),
+        (
+            "wrong issuer",
+            s.sign_claims(&base(now + 600, now, &[], "evil"), None),
+            "prod-db",
+            "issuer",
+        ),
+        (
+            "unknown key id",
+            s.sign_claims(
+                &base(now + 600, now, &[], "agentgate"),
+                Some("0000000000000000"),
+            ),
+            "prod-db",
+            "unknown key",
+        ),
+        (
+            "token for A used on B",
+            s.sign_claims(&base(now + 600, now, &["prod-db"], "agentgate"), None),
+            "other-db",
+            "not for",
+        ),
     ];
     for (what, token, connection, needle) in &cases {
         match s.open(token, connection, "read").await {
@@ -234,7 +347,10 @@ async fn forged_tokens_are_refused_and_recorded() {
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
         let sessions = audit
-            .list_sessions(ListSessionsRequest { connection: "authz".into(), ..Default::default() })
+            .list_sessions(ListSessionsRequest {
+                connection: "authz".into(),
+                ..Default::default()
+            })
             .await
             .unwrap()
             .into_inner()
@@ -242,7 +358,9 @@ async fn forged_tokens_are_refused_and_recorded() {
         let mut reasons = Vec::new();
         for session in sessions {
             let events = audit
-                .get_session_events(GetSessionEventsRequest { session_id: session.session_id })
+                .get_session_events(GetSessionEventsRequest {
+                    session_id: session.session_id,
+                })
                 .await
                 .unwrap()
                 .into_inner()
@@ -252,18 +370,27 @@ async fn forged_tokens_are_refused_and_recorded() {
                     && !a.success
                 {
                     assert_eq!(e.kind, "authz.refuse");
-                    assert_eq!(e.attributes.get("source_address").map(String::as_str), Some("192.0.2.10:5555"));
+                    assert_eq!(
+                        e.attributes.get("source_address").map(String::as_str),
+                        Some("192.0.2.10:5555")
+                    );
                     reasons.push(a.reason);
                 }
             }
         }
         if reasons.len() >= cases.len() {
             for (what, _, _, needle) in &cases {
-                assert!(reasons.iter().any(|r| r.contains(needle)), "{what} not recorded: {reasons:?}");
+                assert!(
+                    reasons.iter().any(|r| r.contains(needle)),
+                    "{what} not recorded: {reasons:?}"
+                );
             }
             break;
         }
-        assert!(Instant::now() < deadline, "refusals not recorded: {reasons:?}");
+        assert!(
+            Instant::now() < deadline,
+            "refusals not recorded: {reasons:?}"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
@@ -273,9 +400,15 @@ async fn standing_session_carries_policy_and_upstream_and_reload_applies() {
     let s = Stack::start(Vec::new()).await;
     let token = s.agent_token();
     let opened = s.open(&token, "prod-db", "read").await.unwrap();
-    assert_eq!(opened.principal.as_ref().unwrap().subject, "agent:deploy-bot");
+    assert_eq!(
+        opened.principal.as_ref().unwrap().subject,
+        "agent:deploy-bot"
+    );
     let upstream = opened.upstream.unwrap();
-    assert_eq!((upstream.user.as_str(), upstream.secret.as_slice()), ("agent_ro", b"s3cret-ro".as_slice()));
+    assert_eq!(
+        (upstream.user.as_str(), upstream.secret.as_slice()),
+        ("agent_ro", b"s3cret-ro".as_slice())
+    );
     let policy = opened.policy.unwrap();
     assert!(!policy.risk_rules.is_empty());
     // No grant for write: refused with the way to ask for one.
@@ -284,19 +417,36 @@ async fn standing_session_carries_policy_and_upstream_and_reload_applies() {
         other => panic!("{other:?}"),
     }
     // Unknown connection and role.
-    assert!(matches!(s.open(&token, "nope", "read").await, Err(Refused::Denied(_))));
-    assert!(matches!(s.open(&token, "prod-db", "superuser").await, Err(Refused::Denied(_))));
+    assert!(matches!(
+        s.open(&token, "nope", "read").await,
+        Err(Refused::Denied(_))
+    ));
+    assert!(matches!(
+        s.open(&token, "prod-db", "superuser").await,
+        Err(Refused::Denied(_))
+    ));
 
     // The policy loses the read role: new sessions are refused, without a restart, and
     // the proxies hear of the change.
     let mut events = s.proxy.watch_grants("test").await.unwrap();
-    std::fs::write(&s.policy_path, POLICY.replace(r#"when { context.role == "read" };"#, r#"when { context.role == "nothing" };"#)).unwrap();
+    std::fs::write(
+        &s.policy_path,
+        POLICY.replace(
+            r#"when { context.role == "read" };"#,
+            r#"when { context.role == "nothing" };"#,
+        ),
+    )
+    .unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
     while s.open(&token, "prod-db", "read").await.is_ok() {
         assert!(Instant::now() < deadline, "policy change did not apply");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let e = tokio::time::timeout(Duration::from_secs(5), events.message()).await.unwrap().unwrap().unwrap();
+    let e = tokio::time::timeout(Duration::from_secs(5), events.message())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
     assert_eq!(e.kind, GrantEventKind::PolicyChanged as i32);
 
     // A broken policy is refused; the one in force stays.
@@ -315,36 +465,62 @@ async fn jit_grant_is_approved_then_expires_on_the_stream() {
 
     // A reason is required by policy.
     let no_reason = grpc
-        .request_access(bearer(&agent, RequestAccessRequest {
-            connection: "prod-db".into(),
-            role: "write".into(),
-            duration: Some(prost_types::Duration { seconds: 2, nanos: 0 }),
-            reason: String::new(),
-        }))
+        .request_access(bearer(
+            &agent,
+            RequestAccessRequest {
+                connection: "prod-db".into(),
+                role: "write".into(),
+                duration: Some(prost_types::Duration {
+                    seconds: 2,
+                    nanos: 0,
+                }),
+                reason: String::new(),
+            },
+        ))
         .await
         .unwrap_err();
     assert_eq!(no_reason.code(), tonic::Code::InvalidArgument);
     let requested = grpc
-        .request_access(bearer(&agent, RequestAccessRequest {
-            connection: "prod-db".into(),
-            role: "write".into(),
-            duration: Some(prost_types::Duration { seconds: 2, nanos: 0 }),
-            reason: "deploy migration 42".into(),
-        }))
+        .request_access(bearer(
+            &agent,
+            RequestAccessRequest {
+                connection: "prod-db".into(),
+                role: "write".into(),
+                duration: Some(prost_types::Duration {
+                    seconds: 2,
+                    nanos: 0,
+                }),
+                reason: "deploy migration 42".into(),
+            },
+        ))
         .await
         .unwrap()
         .into_inner();
-    assert!(s.open(&agent, "prod-db", "write").await.is_err(), "no grant before approval");
+    assert!(
+        s.open(&agent, "prod-db", "write").await.is_err(),
+        "no grant before approval"
+    );
 
     // A DBA approves through the approvals API.
-    let dba = s.token("human:dana", PrincipalKind::Human, &["dba"], &[], Duration::from_secs(600));
-    let mut approvals = ApprovalsClient::connect(s.approvals_url.clone()).await.unwrap();
+    let dba = s.token(
+        "human:dana",
+        PrincipalKind::Human,
+        &["dba"],
+        &[],
+        Duration::from_secs(600),
+    );
+    let mut approvals = ApprovalsClient::connect(s.approvals_url.clone())
+        .await
+        .unwrap();
     approvals
-        .review(bearer(&dba, ReviewRequest {
-            id: requested.approval_id.clone(),
-            verdict: Verdict::Approve as i32,
-            comment: "ok".into(),
-        }))
+        .review(bearer(
+            &dba,
+            ReviewRequest {
+                id: requested.approval_id.clone(),
+                verdict: Verdict::Approve as i32,
+                comment: "ok".into(),
+            },
+        ))
         .await
         .unwrap();
 
@@ -376,14 +552,27 @@ async fn jit_grant_is_approved_then_expires_on_the_stream() {
     .await
     .expect("expiry event");
     let lateness = expired.1 - expires_at;
-    assert!((0..1_000_000).contains(&lateness), "expiry seen {lateness} µs after the grant ended");
-    assert!(expired.0.session_ids.contains(&session.session_id), "{:?}", expired.0);
+    assert!(
+        (0..1_000_000).contains(&lateness),
+        "expiry seen {lateness} µs after the grant ended"
+    );
+    assert!(
+        expired.0.session_ids.contains(&session.session_id),
+        "{:?}",
+        expired.0
+    );
     match s.open(&agent, "prod-db", "write").await {
         Err(Refused::Denied(_)) => {}
         other => panic!("a session after expiry must be refused: {other:?}"),
     }
     let grants = grpc
-        .list_grants(bearer(&agent, ListGrantsRequest { include_expired: true, ..Default::default() }))
+        .list_grants(bearer(
+            &agent,
+            ListGrantsRequest {
+                include_expired: true,
+                ..Default::default()
+            },
+        ))
         .await
         .unwrap()
         .into_inner()
@@ -398,25 +587,41 @@ async fn revocation_ends_live_sessions_and_refuses_new_ones() {
     let admin = std::fs::read_to_string(&s.authz.admin_token_path).unwrap();
     let mut grpc = s.grpc().await;
     let issued = grpc
-        .issue_token(bearer(&admin, IssueTokenRequest {
-            subject: "agent:deploy-bot".into(),
-            kind: PrincipalKind::Agent as i32,
-            groups: vec!["agents".into()],
-            audience: vec![],
-            ttl: Some(prost_types::Duration { seconds: 600, nanos: 0 }),
-        }))
+        .issue_token(bearer(
+            &admin,
+            IssueTokenRequest {
+                subject: "agent:deploy-bot".into(),
+                kind: PrincipalKind::Agent as i32,
+                groups: vec!["agents".into()],
+                audience: vec![],
+                ttl: Some(prost_types::Duration {
+                    seconds: 600,
+                    nanos: 0,
+                }),
+            },
+        ))
         .await
         .unwrap()
         .into_inner();
     let session = s.open(&issued.token, "prod-db", "read").await.unwrap();
     let mut events = s.proxy.watch_grants("test").await.unwrap();
     let revoked = grpc
-        .revoke_token(bearer(&admin, RevokeTokenRequest { token_id: issued.token_id.clone(), reason: "leaked".into() }))
+        .revoke_token(bearer(
+            &admin,
+            RevokeTokenRequest {
+                token_id: issued.token_id.clone(),
+                reason: "leaked".into(),
+            },
+        ))
         .await
         .unwrap()
         .into_inner();
     assert_eq!(revoked.sessions_ended, 1);
-    let e = tokio::time::timeout(Duration::from_secs(5), events.message()).await.unwrap().unwrap().unwrap();
+    let e = tokio::time::timeout(Duration::from_secs(5), events.message())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
     assert_eq!(e.kind, GrantEventKind::TokenRevoked as i32);
     assert_eq!(e.session_ids, vec![session.session_id]);
     match s.open(&issued.token, "prod-db", "read").await {
@@ -426,16 +631,39 @@ async fn revocation_ends_live_sessions_and_refuses_new_ones() {
     // Only admins issue tokens; no token, no answer.
     let agent = s.agent_token();
     let denied = grpc
-        .issue_token(bearer(&agent, IssueTokenRequest { subject: "agent:x".into(), ..Default::default() }))
+        .issue_token(bearer(
+            &agent,
+            IssueTokenRequest {
+                subject: "agent:x".into(),
+                ..Default::default()
+            },
+        ))
         .await
         .unwrap_err();
     assert_eq!(denied.code(), tonic::Code::PermissionDenied);
-    let anonymous = grpc.issue_token(IssueTokenRequest { subject: "agent:x".into(), ..Default::default() }).await.unwrap_err();
+    let anonymous = grpc
+        .issue_token(IssueTokenRequest {
+            subject: "agent:x".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
     assert_eq!(anonymous.code(), tonic::Code::Unauthenticated);
     // An agent is not a proxy: the session API refuses it.
     let as_agent = AuthzClient::new(&s.authz_url, &agent, None).unwrap();
     assert!(matches!(
-        as_agent.open_session(Credential { kind: Some(Kind::Password(agent.clone())) }, "prod-db", "read", Protocol::Postgres, "", ClientInfo::default()).await,
+        as_agent
+            .open_session(
+                Credential {
+                    kind: Some(Kind::Password(agent.clone()))
+                },
+                "prod-db",
+                "read",
+                Protocol::Postgres,
+                "",
+                ClientInfo::default()
+            )
+            .await,
         Err(Refused::Denied(_))
     ));
 }
@@ -446,7 +674,14 @@ async fn central_authorize_agrees_with_local_evaluation() {
     let token = s.agent_token();
     let session = s.open(&token, "prod-db", "read").await.unwrap();
     let policy = session.policy.clone().unwrap();
-    let classes = ["sql.read", "sql.write", "sql.ddl", "sql.dcl", "sql.write.unbounded", "sql.admin"];
+    let classes = [
+        "sql.read",
+        "sql.write",
+        "sql.ddl",
+        "sql.dcl",
+        "sql.write.unbounded",
+        "sql.admin",
+    ];
     let mut sets: Vec<Vec<&str>> = vec![vec![]];
     for a in classes {
         sets.push(vec![a]);
@@ -480,12 +715,24 @@ async fn authz_unreachable_fails_closed() {
     let port = free_port().unwrap();
     let client = AuthzClient::new(&format!("http://127.0.0.1:{port}"), "token", None).unwrap();
     let refused = client
-        .open_session(Credential { kind: Some(Kind::Password("t".into())) }, "prod-db", "read", Protocol::Postgres, "", ClientInfo::default())
+        .open_session(
+            Credential {
+                kind: Some(Kind::Password("t".into())),
+            },
+            "prod-db",
+            "read",
+            Protocol::Postgres,
+            "",
+            ClientInfo::default(),
+        )
         .await
         .unwrap_err();
     assert!(matches!(refused, Refused::Unavailable(_)), "{refused:?}");
     let message = refused.to_string();
-    assert!(message.contains("authz is unreachable") && message.contains(&port.to_string()), "{message}");
+    assert!(
+        message.contains("authz is unreachable") && message.contains(&port.to_string()),
+        "{message}"
+    );
 }
 
 /// A JWKS endpoint on loopback: the stand-in for an external OIDC issuer.
@@ -501,7 +748,11 @@ async fn jwks_server(keys: Arc<Mutex<serde_json::Value>>) -> String {
             tokio::spawn(async move {
                 let svc = service_fn(move |_req| {
                     let body = keys.lock().unwrap().to_string();
-                    async move { Ok::<_, std::convert::Infallible>(hyper::Response::new(Full::new(bytes::Bytes::from(body)))) }
+                    async move {
+                        Ok::<_, std::convert::Infallible>(hyper::Response::new(Full::new(
+                            bytes::Bytes::from(body),
+                        )))
+                    }
                 });
                 let _ = hyper::server::conn::http1::Builder::new()
                     .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
@@ -545,7 +796,10 @@ async fn workload_token_exchange_with_jwks_refresh() {
     .await;
     let mut grpc = s.grpc().await;
     let exchanged = grpc
-        .exchange_token(ExchangeTokenRequest { external_token: external_token(&k1, "k1", "build-42", "agentgate"), ..Default::default() })
+        .exchange_token(ExchangeTokenRequest {
+            external_token: external_token(&k1, "k1", "build-42", "agentgate"),
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner();
@@ -557,20 +811,36 @@ async fn workload_token_exchange_with_jwks_refresh() {
 
     // Wrong audience and an unknown key are refused.
     let wrong_aud = grpc
-        .exchange_token(ExchangeTokenRequest { external_token: external_token(&k1, "k1", "build-42", "other"), ..Default::default() })
+        .exchange_token(ExchangeTokenRequest {
+            external_token: external_token(&k1, "k1", "build-42", "other"),
+            ..Default::default()
+        })
         .await
         .unwrap_err();
     assert_eq!(wrong_aud.code(), tonic::Code::Unauthenticated);
     let unknown = grpc
-        .exchange_token(ExchangeTokenRequest { external_token: external_token(&k2, "k2", "build-42", "agentgate"), ..Default::default() })
+        .exchange_token(ExchangeTokenRequest {
+            external_token: external_token(&k2, "k2", "build-42", "agentgate"),
+            ..Default::default()
+        })
         .await
         .unwrap_err();
-    assert!(unknown.message().contains("unknown key"), "{}", unknown.message());
+    assert!(
+        unknown.message().contains("unknown key"),
+        "{}",
+        unknown.message()
+    );
     // The issuer rotates in k2: a token naming it makes authz fetch the keys again.
-    keys.lock().unwrap()["keys"].as_array_mut().unwrap().push(jwk(&k2, "k2"));
+    keys.lock().unwrap()["keys"]
+        .as_array_mut()
+        .unwrap()
+        .push(jwk(&k2, "k2"));
     tokio::time::sleep(Duration::from_millis(2100)).await;
     let rotated = grpc
-        .exchange_token(ExchangeTokenRequest { external_token: external_token(&k2, "k2", "build-42", "agentgate"), ..Default::default() })
+        .exchange_token(ExchangeTokenRequest {
+            external_token: external_token(&k2, "k2", "build-42", "agentgate"),
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner();
@@ -581,7 +851,10 @@ async fn workload_token_exchange_with_jwks_refresh() {
 async fn postgres_storage_keeps_revocations_across_restarts() {
     agentgate_tls::install_crypto_provider();
     let pg = agentgate_integration_tests::Postgres::start().unwrap();
-    let url = pg.create_owned_database("authz", "agentgate_authz").await.unwrap();
+    let url = pg
+        .create_owned_database("authz", "agentgate_authz")
+        .await
+        .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let policy = dir.path().join("policy.cedar");
     std::fs::write(&policy, POLICY).unwrap();
@@ -593,7 +866,15 @@ async fn postgres_storage_keeps_revocations_across_restarts() {
             name: "prod-db".into(),
             protocol: "postgres".into(),
             upstream: "127.0.0.1:5432".into(),
-            roles: [("read".to_string(), UpstreamConfig { user: "agent_ro".into(), secret: None })].into_iter().collect(),
+            roles: [(
+                "read".to_string(),
+                UpstreamConfig {
+                    user: "agent_ro".into(),
+                    secret: None,
+                },
+            )]
+            .into_iter()
+            .collect(),
             settings: Default::default(),
         }],
         ..Default::default()
@@ -603,30 +884,65 @@ async fn postgres_storage_keeps_revocations_across_restarts() {
     let url = format!("http://{}", authz.addr);
     let mut grpc = AuthzGrpc::connect(url.clone()).await.unwrap();
     let issued = grpc
-        .issue_token(bearer(&admin, IssueTokenRequest {
-            subject: "agent:deploy-bot".into(),
-            groups: vec!["agents".into()],
-            ttl: Some(prost_types::Duration { seconds: 600, nanos: 0 }),
-            ..Default::default()
-        }))
+        .issue_token(bearer(
+            &admin,
+            IssueTokenRequest {
+                subject: "agent:deploy-bot".into(),
+                groups: vec!["agents".into()],
+                ttl: Some(prost_types::Duration {
+                    seconds: 600,
+                    nanos: 0,
+                }),
+                ..Default::default()
+            },
+        ))
         .await
         .unwrap()
         .into_inner();
-    let proxy = AuthzClient::new(&url, &authz.service_token("pg-proxy", Duration::from_secs(600)).unwrap(), None).unwrap();
+    let proxy = AuthzClient::new(
+        &url,
+        &authz
+            .service_token("pg-proxy", Duration::from_secs(600))
+            .unwrap(),
+        None,
+    )
+    .unwrap();
     let open = |proxy: AuthzClient, token: String| async move {
         proxy
-            .open_session(Credential { kind: Some(Kind::BearerToken(token)) }, "prod-db", "read", Protocol::Postgres, "", ClientInfo::default())
+            .open_session(
+                Credential {
+                    kind: Some(Kind::BearerToken(token)),
+                },
+                "prod-db",
+                "read",
+                Protocol::Postgres,
+                "",
+                ClientInfo::default(),
+            )
             .await
     };
     assert!(open(proxy.clone(), issued.token.clone()).await.is_ok());
-    grpc.revoke_token(bearer(&admin, RevokeTokenRequest { token_id: issued.token_id.clone(), reason: "test".into() }))
-        .await
-        .unwrap();
+    grpc.revoke_token(bearer(
+        &admin,
+        RevokeTokenRequest {
+            token_id: issued.token_id.clone(),
+            reason: "test".into(),
+        },
+    ))
+    .await
+    .unwrap();
     authz.shutdown().await.unwrap();
 
     // A new authz on the same database still refuses the revoked token.
     let authz = agentgate_authz::start(&config, dir.path()).await.unwrap();
-    let proxy = AuthzClient::new(&url, &authz.service_token("pg-proxy", Duration::from_secs(600)).unwrap(), None).unwrap();
+    let proxy = AuthzClient::new(
+        &url,
+        &authz
+            .service_token("pg-proxy", Duration::from_secs(600))
+            .unwrap(),
+        None,
+    )
+    .unwrap();
     match open(proxy, issued.token).await {
         Err(Refused::Unauthenticated(m)) => assert!(m.contains("revoked"), "{m}"),
         other => panic!("{other:?}"),
@@ -637,14 +953,19 @@ async fn postgres_storage_keeps_revocations_across_restarts() {
 async fn standalone_services_verify_tokens_with_the_published_public_key() {
     let s = Stack::start(Vec::new()).await;
     let path = s.dir.path().join(agentgate_authz::PUBLIC_KEY_FILE);
-    let auth = agentgate_approvals::authenticator_from_config(&agentgate_approvals::config::AuthConfig {
-        issuer: "agentgate".into(),
-        public_keys: vec![path],
-    })
-    .unwrap();
+    let auth =
+        agentgate_approvals::authenticator_from_config(&agentgate_approvals::config::AuthConfig {
+            issuer: "agentgate".into(),
+            public_keys: vec![path],
+        })
+        .unwrap();
     let principal = auth.authenticate(&s.agent_token(), None).await.unwrap();
     assert_eq!(principal.subject, "agent:deploy-bot");
-    let foreign = agentgate_identity::TokenIssuer::new(&ed25519_dalek::SigningKey::from_bytes(&[5; 32]), "agentgate").unwrap();
+    let foreign = agentgate_identity::TokenIssuer::new(
+        &ed25519_dalek::SigningKey::from_bytes(&[5; 32]),
+        "agentgate",
+    )
+    .unwrap();
     let (t, _) = foreign
         .issue(&TokenRequest {
             subject: "agent:x".into(),

@@ -50,7 +50,10 @@ where
     let top_level: Vec<String> = top_level.iter().map(|k| k.to_ascii_lowercase()).collect();
     figment = figment.merge(
         Env::prefixed(&format!("{env_prefix}_"))
-            .filter(move |k| k.as_str().contains("__") || top_level.iter().any(|t| t.eq_ignore_ascii_case(k.as_str())))
+            .filter(move |k| {
+                k.as_str().contains("__")
+                    || top_level.iter().any(|t| t.eq_ignore_ascii_case(k.as_str()))
+            })
             .split("__"),
     );
     figment

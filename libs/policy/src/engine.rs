@@ -159,7 +159,18 @@ impl PolicyEngine {
         let validation = Validator::new(schema).validate(&parsed, ValidationMode::Strict);
         let first_error = validation
             .validation_errors()
-            .map(|e| (diagnostic_offset(e).unwrap_or(0), diagnostic_message(e)))
+            .map(|e| {
+                // Cedar names the policy by its internal number ("for policy `policy3`, ..."),
+                // which means nothing to the reader; the line says which policy it is.
+                let message = diagnostic_message(e);
+                let message = match message.strip_prefix("for policy `") {
+                    Some(rest) => rest
+                        .split_once("`, ")
+                        .map_or(message.clone(), |(_, tail)| tail.to_owned()),
+                    None => message,
+                };
+                (diagnostic_offset(e).unwrap_or(0), message)
+            })
             .min_by_key(|(offset, _)| *offset);
         if let Some((offset, message)) = first_error {
             let count = validation.validation_errors().count();

@@ -23,8 +23,8 @@ type OnChange = Arc<dyn Fn(&Arc<PolicyEngine>) + Send + Sync>;
 pub struct PolicyStore {
     path: PathBuf,
     current: RwLock<Arc<PolicyEngine>>,
-    /// The file's modification time and length when last looked at, so the watcher only
-    /// re-reads a file that changed.
+    /// The file's modification time and length when last read, so the watcher only re-reads
+    /// a file that changed. Its lock also serializes reloads.
     stamp: Mutex<Option<(SystemTime, u64)>>,
     versions: watch::Sender<String>,
     on_change: RwLock<Option<OnChange>>,
@@ -64,21 +64,26 @@ impl PolicyStore {
     /// is the same as the policy in force; an error (with line and reason) if the file cannot
     /// be read or compiled, in which case the old policy stays in force.
     pub fn reload(&self) -> Result<bool, PolicyError> {
-        let stamp = file_stamp(&self.path);
-        let result = PolicyEngine::load(&self.path);
-        if let Ok(mut guard) = self.stamp.lock() {
-            *guard = stamp;
-        }
-        let engine = result?;
-        if engine.version() == self.current().version() {
-            return Ok(false);
-        }
-        let engine = Arc::new(engine);
-        match self.current.write() {
-            Ok(mut guard) => *guard = Arc::clone(&engine),
-            Err(poisoned) => *poisoned.into_inner() = Arc::clone(&engine),
-        }
-        self.versions.send_replace(engine.version().to_owned());
+        // One reload at a time, from reading the file to the swap: two concurrent reloads
+        // (the watcher and an operator's) must not let an older read win over a newer one.
+        let engine = {
+            let mut stamp = match self.stamp.lock() {
+                Ok(guard) => guard,
+                Err(poisoned) => poisoned.into_inner(),
+            };
+            *stamp = file_stamp(&self.path);
+            let engine = PolicyEngine::load(&self.path)?;
+            if engine.version() == self.current().version() {
+                return Ok(false);
+            }
+            let engine = Arc::new(engine);
+            match self.current.write() {
+                Ok(mut guard) => *guard = Arc::clone(&engine),
+                Err(poisoned) => *poisoned.into_inner() = Arc::clone(&engine),
+            }
+            self.versions.send_replace(engine.version().to_owned());
+            engine
+        };
         let callback = match self.on_change.read() {
             Ok(guard) => guard.clone(),
             Err(poisoned) => poisoned.into_inner().clone(),
@@ -123,7 +128,11 @@ impl PolicyStore {
                 let Some(store) = weak.upgrade() else {
                     return;
                 };
-                let seen = store.stamp.lock().map(|g| *g).unwrap_or(None);
+                // A reload in progress holds the lock: look again next tick rather than block
+                // this async task.
+                let Ok(seen) = store.stamp.try_lock().map(|g| *g) else {
+                    continue;
+                };
                 if file_stamp(&store.path) == seen {
                     continue;
                 }

@@ -87,6 +87,10 @@ permit (
     );
     assert_eq!(e.line, 5, "{e}");
     assert!(e.message.contains("exec"), "{e}");
+    assert!(
+        !e.message.contains("policy1"),
+        "Cedar's internal ids are not shown: {e}"
+    );
 }
 
 #[test]
@@ -677,4 +681,16 @@ fn engine_and_store_are_send_and_sync() {
     fn assert_send_sync<T: Send + Sync>() {}
     assert_send_sync::<PolicyEngine>();
     assert_send_sync::<agentgate_policy::PolicyStore>();
+}
+
+#[test]
+fn the_docs_show_the_example_policy_verbatim() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let docs = std::fs::read_to_string(root.join("docs/policy.md")).expect("docs/policy.md");
+    let example =
+        std::fs::read_to_string(root.join("deploy/policy.example.cedar")).expect("example");
+    assert!(
+        docs.contains(&format!("```cedar\n{example}```")),
+        "docs/policy.md must end with deploy/policy.example.cedar, verbatim"
+    );
 }

@@ -189,9 +189,12 @@ pub async fn start(
                 .max_encoding_message_size(MAX_MESSAGE_BYTES),
         )
         // Nagle off: a gRPC answer is several small writes; with Nagle each call waits ~40 ms.
-        .serve_with_incoming_shutdown(tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)), async {
-            let _ = shutdown_rx.await;
-        });
+        .serve_with_incoming_shutdown(
+            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+            async {
+                let _ = shutdown_rx.await;
+            },
+        );
     let task = tokio::spawn(server);
     tracing::info!(%addr, backend = store.backend(), audit_session = %inner.audit.session_id(), "approvals listening");
     Ok(RunningApprovals {

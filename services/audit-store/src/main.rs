@@ -32,7 +32,8 @@ async fn run() -> anyhow::Result<()> {
         (None, _) => None,
         _ => anyhow::bail!("usage: agentgate-audit-store [--config FILE]"),
     };
-    let config: FileConfig = agentgate_config::load(config_path.as_deref(), "AGENTGATE", &["data_dir"])?;
+    let config: FileConfig =
+        agentgate_config::load(config_path.as_deref(), "AGENTGATE", &["data_dir"])?;
     let _telemetry = agentgate_telemetry::init("audit-store", &config.telemetry)?;
     let data_dir = config
         .data_dir

@@ -8,7 +8,9 @@ use std::time::Duration;
 
 use agentgate_identity::TokenRequest;
 use agentgate_proto::approvals::v1::approvals_client::ApprovalsClient;
-use agentgate_proto::approvals::v1::{ApprovalRequest, CreateRequest, RequestKind, State, Verdict, WatchRequest};
+use agentgate_proto::approvals::v1::{
+    ApprovalRequest, CreateRequest, RequestKind, State, Verdict, WatchRequest,
+};
 use agentgate_proto::authz::v1::GrantSource;
 use agentgate_proto::common::v1::{Principal, PrincipalKind};
 use tonic::transport::{Channel, Endpoint};
@@ -36,10 +38,11 @@ impl AccessRequests {
     }
 
     async fn client(&self) -> Result<ApprovalsClient<Channel>, Refusal> {
-        let endpoint = self
-            .endpoint
-            .as_ref()
-            .ok_or_else(|| Refusal::Invalid("access requests need the approvals service, which is not configured".into()))?;
+        let endpoint = self.endpoint.as_ref().ok_or_else(|| {
+            Refusal::Invalid(
+                "access requests need the approvals service, which is not configured".into(),
+            )
+        })?;
         let channel = endpoint
             .connect()
             .await
@@ -85,7 +88,9 @@ impl AccessRequests {
             .connection(connection)
             .ok_or_else(|| Refusal::NotFound(format!("no connection named {connection:?}")))?;
         if !conn.roles.contains_key(role) {
-            return Err(Refusal::Invalid(format!("connection {connection} has no role {role:?}")));
+            return Err(Refusal::Invalid(format!(
+                "connection {connection} has no role {role:?}"
+            )));
         }
         let rule = core
             .current_policy()
@@ -97,12 +102,20 @@ impl AccessRequests {
                 ))
             })?;
         if rule.reason_required && reason.trim().is_empty() {
-            return Err(Refusal::Invalid("a reason is required for this request".into()));
+            return Err(Refusal::Invalid(
+                "a reason is required for this request".into(),
+            ));
         }
         if reason.len() > 2000 {
-            return Err(Refusal::Invalid("the reason is longer than 2000 characters".into()));
+            return Err(Refusal::Invalid(
+                "the reason is longer than 2000 characters".into(),
+            ));
         }
-        let granted = if requested.is_zero() { rule.max_duration } else { requested.min(rule.max_duration) };
+        let granted = if requested.is_zero() {
+            rule.max_duration
+        } else {
+            requested.min(rule.max_duration)
+        };
         let mut client = self.client().await?;
         let created = client
             .create(Self::authorized(
@@ -172,7 +185,11 @@ async fn watch(access: Arc<AccessRequests>, core: Arc<Core>, row: AccessRequestR
     }
 }
 
-async fn follow(access: &AccessRequests, core: &Arc<Core>, row: &AccessRequestRow) -> Result<(), Refusal> {
+async fn follow(
+    access: &AccessRequests,
+    core: &Arc<Core>,
+    row: &AccessRequestRow,
+) -> Result<(), Refusal> {
     let mut client = access.client().await?;
     let watched = client
         .watch(AccessRequests::authorized(
@@ -188,12 +205,18 @@ async fn follow(access: &AccessRequests, core: &Arc<Core>, row: &AccessRequestRo
         // The approvals service no longer knows it (its store was reset): final, no grant.
         Err(s) if s.code() == tonic::Code::NotFound => {
             tracing::warn!(approval = %row.approval_id, "approval request unknown to the approvals service; no grant");
-            core.store.settle_access_request(&row.approval_id, "unknown", None).await?;
+            core.store
+                .settle_access_request(&row.approval_id, "unknown", None)
+                .await?;
             return Ok(());
         }
         Err(s) => return Err(Refusal::Storage(s.message().to_owned())),
     };
-    while let Some(update) = stream.message().await.map_err(|s| Refusal::Storage(s.message().to_owned()))? {
+    while let Some(update) = stream
+        .message()
+        .await
+        .map_err(|s| Refusal::Storage(s.message().to_owned()))?
+    {
         if update.id != row.approval_id {
             continue;
         }
@@ -202,7 +225,9 @@ async fn follow(access: &AccessRequests, core: &Arc<Core>, row: &AccessRequestRo
             State::Approved => return settle_approved(core, row, &update).await,
             other => {
                 let state = format!("{other:?}").to_lowercase();
-                core.store.settle_access_request(&row.approval_id, &state, None).await?;
+                core.store
+                    .settle_access_request(&row.approval_id, &state, None)
+                    .await?;
                 return Ok(());
             }
         }
@@ -210,8 +235,16 @@ async fn follow(access: &AccessRequests, core: &Arc<Core>, row: &AccessRequestRo
     Err(Refusal::Storage("the approvals watch stream ended".into()))
 }
 
-async fn settle_approved(core: &Arc<Core>, row: &AccessRequestRow, update: &ApprovalRequest) -> Result<(), Refusal> {
-    let approved_at = update.decided_at.as_ref().map(timestamp_us).unwrap_or_else(now_us);
+async fn settle_approved(
+    core: &Arc<Core>,
+    row: &AccessRequestRow,
+    update: &ApprovalRequest,
+) -> Result<(), Refusal> {
+    let approved_at = update
+        .decided_at
+        .as_ref()
+        .map(timestamp_us)
+        .unwrap_or_else(now_us);
     let approvers: Vec<String> = update
         .reviews
         .iter()
@@ -233,7 +266,11 @@ async fn settle_approved(core: &Arc<Core>, row: &AccessRequestRow, update: &Appr
         revoked_at_us: None,
     };
     // Settle first: if another authz instance already did, it made the grant.
-    if core.store.settle_access_request(&row.approval_id, "approved", Some(&grant.id)).await? {
+    if core
+        .store
+        .settle_access_request(&row.approval_id, "approved", Some(&grant.id))
+        .await?
+    {
         core.create_grant(grant).await?;
     }
     Ok(())

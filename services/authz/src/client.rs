@@ -51,7 +51,11 @@ pub struct AuthzClient {
 
 impl AuthzClient {
     /// Prepares the connection; it is made on first use, so a proxy can start before authz.
-    pub fn new(url: &str, service_token: &str, tls: Option<ClientTlsConfig>) -> Result<AuthzClient, Refused> {
+    pub fn new(
+        url: &str,
+        service_token: &str,
+        tls: Option<ClientTlsConfig>,
+    ) -> Result<AuthzClient, Refused> {
         let mut endpoint = Endpoint::from_shared(url.to_owned())
             .map_err(|e| Refused::Invalid(format!("authz URL {url:?}: {e}")))?
             .connect_timeout(Duration::from_secs(3))
@@ -70,9 +74,9 @@ impl AuthzClient {
 
     fn request<T>(&self, message: T) -> Result<tonic::Request<T>, Refused> {
         let mut r = tonic::Request::new(message);
-        let value = format!("Bearer {}", self.token)
-            .parse()
-            .map_err(|_| Refused::Invalid("the service token is not a valid header value".into()))?;
+        let value = format!("Bearer {}", self.token).parse().map_err(|_| {
+            Refused::Invalid("the service token is not a valid header value".into())
+        })?;
         r.metadata_mut().insert("authorization", value);
         Ok(agentgate_telemetry::inject_context(r))
     }
@@ -103,17 +107,29 @@ impl AuthzClient {
             protocol: protocol as i32,
         })?;
         let mut grpc = self.grpc.clone();
-        Ok(grpc.open_session(request).await.map_err(|s| self.unreachable(s))?.into_inner())
+        Ok(grpc
+            .open_session(request)
+            .await
+            .map_err(|s| self.unreachable(s))?
+            .into_inner())
     }
 
     /// The central decision for one operation.
-    pub async fn authorize(&self, session_id: &str, operation: Operation) -> Result<AuthorizeResponse, Refused> {
+    pub async fn authorize(
+        &self,
+        session_id: &str,
+        operation: Operation,
+    ) -> Result<AuthorizeResponse, Refused> {
         let request = self.request(AuthorizeRequest {
             session_id: session_id.to_owned(),
             operation: Some(operation),
         })?;
         let mut grpc = self.grpc.clone();
-        Ok(grpc.authorize(request).await.map_err(|s| self.unreachable(s))?.into_inner())
+        Ok(grpc
+            .authorize(request)
+            .await
+            .map_err(|s| self.unreachable(s))?
+            .into_inner())
     }
 
     pub async fn close_session(&self, session_id: &str, reason: &str) -> Result<(), Refused> {
@@ -122,14 +138,22 @@ impl AuthzClient {
             reason: reason.to_owned(),
         })?;
         let mut grpc = self.grpc.clone();
-        grpc.close_session(request).await.map_err(|s| self.unreachable(s))?;
+        grpc.close_session(request)
+            .await
+            .map_err(|s| self.unreachable(s))?;
         Ok(())
     }
 
     /// Grant and token events; a proxy ends the sessions each event names.
     pub async fn watch_grants(&self, proxy: &str) -> Result<tonic::Streaming<GrantEvent>, Refused> {
-        let request = self.request(WatchGrantsRequest { proxy: proxy.to_owned() })?;
+        let request = self.request(WatchGrantsRequest {
+            proxy: proxy.to_owned(),
+        })?;
         let mut grpc = self.grpc.clone();
-        Ok(grpc.watch_grants(request).await.map_err(|s| self.unreachable(s))?.into_inner())
+        Ok(grpc
+            .watch_grants(request)
+            .await
+            .map_err(|s| self.unreachable(s))?
+            .into_inner())
     }
 }

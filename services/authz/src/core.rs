@@ -118,7 +118,12 @@ impl Core {
             issuer,
             oidc,
             policy,
-            connections: RwLock::new(connections.into_iter().map(|c| (c.name.clone(), c)).collect()),
+            connections: RwLock::new(
+                connections
+                    .into_iter()
+                    .map(|c| (c.name.clone(), c))
+                    .collect(),
+            ),
             revoked: RwLock::new(revoked),
             sessions: Mutex::new(HashMap::new()),
             deadlines: Mutex::new(deadlines),
@@ -135,8 +140,16 @@ impl Core {
 
     /// Records an audit event; a recorder failure is logged, never fatal to the decision
     /// (the spool is local; failing means the disk is gone).
-    pub async fn record(&self, kind: &str, principal: Option<&Principal>, source: &str, detail: Detail) {
-        let Some(recorder) = &self.recorder else { return };
+    pub async fn record(
+        &self,
+        kind: &str,
+        principal: Option<&Principal>,
+        source: &str,
+        detail: Detail,
+    ) {
+        let Some(recorder) = &self.recorder else {
+            return;
+        };
         let mut attributes = HashMap::new();
         if let Some(p) = principal {
             attributes.insert("subject".to_owned(), p.subject.clone());
@@ -152,7 +165,13 @@ impl Core {
     /// Verifies a bearer token — agentgate's own or a configured OIDC issuer's — and records
     /// the outcome with its reason, subject (when known) and source address.
     /// Returns the principal and when its credential expires (µs since the epoch).
-    pub async fn verify_token(&self, token: &str, audience: Option<&str>, source: &str, credential_kind: &str) -> Result<(Principal, i64), Refusal> {
+    pub async fn verify_token(
+        &self,
+        token: &str,
+        audience: Option<&str>,
+        source: &str,
+        credential_kind: &str,
+    ) -> Result<(Principal, i64), Refusal> {
         let result = self.verify_token_inner(token, audience).await;
         let (success, reason, principal) = match &result {
             Ok((p, _)) => (true, "verified".to_owned(), Some(p.clone())),
@@ -163,15 +182,28 @@ impl Core {
             reason: reason.clone(),
             credential_kind: credential_kind.to_owned(),
         });
-        self.record(if success { "authz.verify" } else { "authz.refuse" }, principal.as_ref(), source, detail)
-            .await;
+        self.record(
+            if success {
+                "authz.verify"
+            } else {
+                "authz.refuse"
+            },
+            principal.as_ref(),
+            source,
+            detail,
+        )
+        .await;
         if !success {
             tracing::info!(source, reason, "credential refused");
         }
         result.map_err(|e| Refusal::Unauthenticated(format!("credential refused: {e}")))
     }
 
-    async fn verify_token_inner(&self, token: &str, audience: Option<&str>) -> Result<(Principal, i64), TokenError> {
+    async fn verify_token_inner(
+        &self,
+        token: &str,
+        audience: Option<&str>,
+    ) -> Result<(Principal, i64), TokenError> {
         if let Some(iss) = peek_issuer(token)
             && let Some(oidc) = self.oidc.iter().find(|o| o.issuer() == iss)
         {
@@ -184,22 +216,36 @@ impl Core {
 
     /// Verifies an external workload token for exchange; only configured OIDC issuers count.
     pub async fn verify_external(&self, token: &str, source: &str) -> Result<Principal, Refusal> {
-        let result = match peek_issuer(token).and_then(|iss| self.oidc.iter().find(|o| o.issuer() == iss)) {
-            Some(oidc) => oidc.verify(token).await.map(|(p, _)| p),
-            None => Err(TokenError::WrongIssuer),
-        };
+        let result =
+            match peek_issuer(token).and_then(|iss| self.oidc.iter().find(|o| o.issuer() == iss)) {
+                Some(oidc) => oidc.verify(token).await.map(|(p, _)| p),
+                None => Err(TokenError::WrongIssuer),
+            };
         let detail = Detail::Auth(AuthRecord {
             success: result.is_ok(),
-            reason: result.as_ref().err().map(ToString::to_string).unwrap_or_else(|| "verified".into()),
+            reason: result
+                .as_ref()
+                .err()
+                .map(ToString::to_string)
+                .unwrap_or_else(|| "verified".into()),
             credential_kind: "oidc".into(),
         });
-        let kind = if result.is_ok() { "authz.verify" } else { "authz.refuse" };
-        self.record(kind, result.as_ref().ok(), source, detail).await;
+        let kind = if result.is_ok() {
+            "authz.verify"
+        } else {
+            "authz.refuse"
+        };
+        self.record(kind, result.as_ref().ok(), source, detail)
+            .await;
         result.map_err(|e| Refusal::Unauthenticated(format!("workload token refused: {e}")))
     }
 
     fn check_revoked(&self, claims: &Claims) -> Result<(), TokenError> {
-        let revoked = self.revoked.read().map(|r| r.contains(&claims.jti)).unwrap_or(true);
+        let revoked = self
+            .revoked
+            .read()
+            .map(|r| r.contains(&claims.jti))
+            .unwrap_or(true);
         if revoked {
             return Err(TokenError::Revoked(claims.jti.clone()));
         }
@@ -207,7 +253,11 @@ impl Core {
     }
 
     /// Signs a token and records that it was issued and by whom.
-    pub async fn issue_token(&self, request: &TokenRequest, issued_by: &Principal) -> Result<(String, Claims), Refusal> {
+    pub async fn issue_token(
+        &self,
+        request: &TokenRequest,
+        issued_by: &Principal,
+    ) -> Result<(String, Claims), Refusal> {
         if request.ttl > self.max_token_ttl {
             return Err(Refusal::Invalid(format!(
                 "ttl {}s exceeds the maximum of {}s",
@@ -216,9 +266,14 @@ impl Core {
             )));
         }
         if request.subject.is_empty() || request.subject.len() > 200 {
-            return Err(Refusal::Invalid("subject must be 1 to 200 characters".into()));
+            return Err(Refusal::Invalid(
+                "subject must be 1 to 200 characters".into(),
+            ));
         }
-        let (token, claims) = self.issuer.issue(request).map_err(|e| Refusal::Invalid(e.to_string()))?;
+        let (token, claims) = self
+            .issuer
+            .issue(request)
+            .map_err(|e| Refusal::Invalid(e.to_string()))?;
         self.store
             .record_token(&crate::store::IssuedToken {
                 jti: &claims.jti,
@@ -250,13 +305,20 @@ impl Core {
     }
 
     /// Revokes a token id: new sessions refuse it at once, live ones end now.
-    pub async fn revoke_token(&self, jti: &str, reason: &str, by: &Principal) -> Result<u32, Refusal> {
+    pub async fn revoke_token(
+        &self,
+        jti: &str,
+        reason: &str,
+        by: &Principal,
+    ) -> Result<u32, Refusal> {
         let expires = self
             .store
             .token_expiry(jti)
             .await?
             .unwrap_or(now_us() + self.max_token_ttl.as_micros() as i64);
-        self.store.revoke_token(jti, &by.subject, reason, expires, now_us()).await?;
+        self.store
+            .revoke_token(jti, &by.subject, reason, expires, now_us())
+            .await?;
         if let Ok(mut r) = self.revoked.write() {
             r.insert(jti.to_owned());
         }
@@ -287,8 +349,14 @@ impl Core {
 
     /// Removes and returns the live sessions `matches` selects.
     fn end_sessions(&self, matches: impl Fn(&LiveSession) -> bool) -> Vec<String> {
-        let Ok(mut sessions) = self.sessions.lock() else { return Vec::new() };
-        let ids: Vec<String> = sessions.iter().filter(|(_, s)| matches(s)).map(|(id, _)| id.clone()).collect();
+        let Ok(mut sessions) = self.sessions.lock() else {
+            return Vec::new();
+        };
+        let ids: Vec<String> = sessions
+            .iter()
+            .filter(|(_, s)| matches(s))
+            .map(|(id, _)| id.clone())
+            .collect();
         for id in &ids {
             sessions.remove(id);
         }
@@ -300,8 +368,11 @@ impl Core {
     }
 
     pub fn connections(&self) -> Vec<Connection> {
-        let Ok(all) = self.connections.read() else { return Vec::new() };
-        let mut list: Vec<Connection> = all.values().map(|c| connection_message(c, false)).collect();
+        let Ok(all) = self.connections.read() else {
+            return Vec::new();
+        };
+        let mut list: Vec<Connection> =
+            all.values().map(|c| connection_message(c, false)).collect();
         list.sort_by(|a, b| a.name.cmp(&b.name));
         list
     }
@@ -331,10 +402,9 @@ impl Core {
                 conn.protocol
             )));
         }
-        let upstream = conn
-            .roles
-            .get(role)
-            .ok_or_else(|| Refusal::Denied(format!("connection {connection} has no role {role:?}")))?;
+        let upstream = conn.roles.get(role).ok_or_else(|| {
+            Refusal::Denied(format!("connection {connection} has no role {role:?}"))
+        })?;
         let policy = self.current_policy();
         let now = now_us();
         let grant = if policy.standing_access(&principal, connection, role) {
@@ -350,7 +420,11 @@ impl Core {
                 ..Default::default()
             }
         } else {
-            match self.store.live_grant(&principal.subject, connection, role, now).await? {
+            match self
+                .store
+                .live_grant(&principal.subject, connection, role, now)
+                .await?
+            {
                 Some(g) => grant_message(&g),
                 None => {
                     return Err(Refusal::Denied(format!(
@@ -360,13 +434,19 @@ impl Core {
                 }
             }
         };
-        let grant_expiry = grant.expires_at.as_ref().map(crate::timestamp_us).unwrap_or(token_expires_at_us);
+        let grant_expiry = grant
+            .expires_at
+            .as_ref()
+            .map(crate::timestamp_us)
+            .unwrap_or(token_expires_at_us);
         let expires_at_us = grant_expiry.min(token_expires_at_us);
         let session_policy: SessionPolicy = policy.session_policy(&principal, connection, role);
         let secret = match &upstream.secret {
             Some(reference) => resolve_secret(reference).map_err(|e| {
                 tracing::error!(connection, role, error = %e, "upstream secret unavailable");
-                Refusal::Storage(format!("the upstream credential of {connection}/{role} is not available"))
+                Refusal::Storage(format!(
+                    "the upstream credential of {connection}/{role} is not available"
+                ))
             })?,
             None => Vec::new(),
         };
@@ -447,7 +527,10 @@ impl Core {
             "",
             Detail::Grant(GrantRecord {
                 grant_id: row.id.clone(),
-                change: format!("created for {} on {} as {}, approved by {}", row.subject, row.connection, row.role, row.approved_by_json),
+                change: format!(
+                    "created for {} on {} as {}, approved by {}",
+                    row.subject, row.connection, row.role, row.approved_by_json
+                ),
                 expires_at: grant.expires_at,
                 reason: row.reason.clone(),
             }),
@@ -457,9 +540,22 @@ impl Core {
     }
 
     /// Ends a grant now, and the sessions it backs.
-    pub async fn revoke_grant(&self, id: &str, reason: &str, by: &Principal) -> Result<u32, Refusal> {
-        let grant = self.store.grant(id).await?.ok_or_else(|| Refusal::NotFound(format!("no grant {id}")))?;
-        if !self.store.revoke_grant(id, &by.subject, reason, now_us()).await? {
+    pub async fn revoke_grant(
+        &self,
+        id: &str,
+        reason: &str,
+        by: &Principal,
+    ) -> Result<u32, Refusal> {
+        let grant = self
+            .store
+            .grant(id)
+            .await?
+            .ok_or_else(|| Refusal::NotFound(format!("no grant {id}")))?;
+        if !self
+            .store
+            .revoke_grant(id, &by.subject, reason, now_us())
+            .await?
+        {
             return Err(Refusal::Invalid(format!("grant {id} is already revoked")));
         }
         let ended = self.end_sessions(|s| s.grant_id == id);
@@ -508,7 +604,9 @@ impl Core {
     /// Fires every deadline due by `now`.
     fn fire_due(&self, now: i64) -> Option<i64> {
         let due: Vec<(i64, Deadline)> = {
-            let Ok(mut d) = self.deadlines.lock() else { return None };
+            let Ok(mut d) = self.deadlines.lock() else {
+                return None;
+            };
             let mut due = Vec::new();
             while let Some(first) = d.first().cloned() {
                 if first.0 > now {
@@ -535,7 +633,11 @@ impl Core {
                 Deadline::Session(id) => {
                     let live = self.sessions.lock().ok().and_then(|mut s| {
                         // Only if it still ends now (not closed or already ended).
-                        if s.get(&id).is_some_and(|l| l.expires_at_us == at) { s.remove(&id) } else { None }
+                        if s.get(&id).is_some_and(|l| l.expires_at_us == at) {
+                            s.remove(&id)
+                        } else {
+                            None
+                        }
                     });
                     if let Some(s) = live {
                         let _ = self.events.send(GrantEvent {
@@ -563,7 +665,9 @@ async fn expiry_loop(core: std::sync::Weak<Core>) {
         let Some(c) = core.upgrade() else { return };
         let next = c.fire_due(now_us());
         let wait = match next {
-            Some(at) => Duration::from_micros((at - now_us()).max(0) as u64).min(Duration::from_secs(1)),
+            Some(at) => {
+                Duration::from_micros((at - now_us()).max(0) as u64).min(Duration::from_secs(1))
+            }
             None => Duration::from_secs(1),
         };
         // Waiting holds the core for at most a second; the next turn lets it go.

@@ -89,7 +89,11 @@ struct CoreAuthenticator(Arc<Core>);
 
 #[tonic::async_trait]
 impl Authenticator for CoreAuthenticator {
-    async fn authenticate(&self, token: &str, audience: Option<&str>) -> Result<Principal, TokenError> {
+    async fn authenticate(
+        &self,
+        token: &str,
+        audience: Option<&str>,
+    ) -> Result<Principal, TokenError> {
         self.0
             .verify_token(token, audience, "", "bearer")
             .await
@@ -104,7 +108,9 @@ pub async fn start(config: &AuthzConfig, data_dir: &Path) -> anyhow::Result<Runn
     let store = store::Store::connect(&url)
         .await
         .with_context(|| format!("authz database {}", redact(&url)))?;
-    let key = agentgate_audit_chain::SigningKeyFile::load_or_generate(&config.signing_key_path(data_dir))?;
+    let key = agentgate_audit_chain::SigningKeyFile::load_or_generate(
+        &config.signing_key_path(data_dir),
+    )?;
     let issuer = TokenIssuer::new(&key, config.issuer.clone())?;
     // The public half, for services that verify agentgate tokens on their own (approvals).
     let public_pem = {
@@ -114,14 +120,17 @@ pub async fn start(config: &AuthzConfig, data_dir: &Path) -> anyhow::Result<Runn
             .map_err(|e| anyhow::anyhow!("authz public key: {e}"))?
     };
     let public_path = data_dir.join(PUBLIC_KEY_FILE);
-    std::fs::write(&public_path, public_pem).with_context(|| format!("writing {}", public_path.display()))?;
+    std::fs::write(&public_path, public_pem)
+        .with_context(|| format!("writing {}", public_path.display()))?;
 
     let policy_path = config.policy_path(data_dir);
     if config.policy.is_none() && !policy_path.exists() {
-        std::fs::write(&policy_path, DEFAULT_POLICY).with_context(|| format!("writing {}", policy_path.display()))?;
+        std::fs::write(&policy_path, DEFAULT_POLICY)
+            .with_context(|| format!("writing {}", policy_path.display()))?;
     }
     let policy = Arc::new(
-        agentgate_policy::PolicyStore::open(&policy_path).map_err(|e| anyhow::anyhow!("policy: {e}"))?,
+        agentgate_policy::PolicyStore::open(&policy_path)
+            .map_err(|e| anyhow::anyhow!("policy: {e}"))?,
     );
     let mut oidc = Vec::new();
     for issuer_config in &config.oidc_issuers {
@@ -129,7 +138,11 @@ pub async fn start(config: &AuthzConfig, data_dir: &Path) -> anyhow::Result<Runn
     }
     for c in &config.connections {
         if core::protocol_of(c) == agentgate_proto::common::v1::Protocol::Unspecified {
-            anyhow::bail!("connection {}: protocol {:?} must be postgres, ssh, http or kubernetes", c.name, c.protocol);
+            anyhow::bail!(
+                "connection {}: protocol {:?} must be postgres, ssh, http or kubernetes",
+                c.name,
+                c.protocol
+            );
         }
     }
     let recorder = match &config.audit_url {
@@ -183,8 +196,13 @@ pub async fn start(config: &AuthzConfig, data_dir: &Path) -> anyhow::Result<Runn
     let admin_token_path = data_dir.join(ADMIN_TOKEN_FILE);
     bootstrap_admin(&core, &admin_token_path, config.bootstrap_admin_ttl).await?;
 
-    let access = Arc::new(access::AccessRequests::new(config.approvals_url.as_deref())?);
-    access.resume(&core).await.map_err(|e| anyhow::anyhow!("authz: {e}"))?;
+    let access = Arc::new(access::AccessRequests::new(
+        config.approvals_url.as_deref(),
+    )?);
+    access
+        .resume(&core)
+        .await
+        .map_err(|e| anyhow::anyhow!("authz: {e}"))?;
     let service = service::AuthzService {
         core: core.clone(),
         access,
@@ -193,7 +211,8 @@ pub async fn start(config: &AuthzConfig, data_dir: &Path) -> anyhow::Result<Runn
         .await
         .with_context(|| format!("authz: cannot listen on {}", config.listen))?;
     let addr = listener.local_addr()?;
-    let mut builder = tonic::transport::Server::builder().trace_fn(agentgate_telemetry::server_span);
+    let mut builder =
+        tonic::transport::Server::builder().trace_fn(agentgate_telemetry::server_span);
     if let Some(tls) = agentgate_tls::grpc_server_tls(&config.tls)? {
         builder = builder.tls_config(tls).context("authz TLS")?;
     }
@@ -201,9 +220,12 @@ pub async fn start(config: &AuthzConfig, data_dir: &Path) -> anyhow::Result<Runn
     let server = builder
         .add_service(AuthzServer::new(service))
         // Nagle off: a gRPC answer is several small writes; with Nagle each call waits ~40 ms.
-        .serve_with_incoming_shutdown(tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)), async {
-            let _ = shutdown_rx.await;
-        });
+        .serve_with_incoming_shutdown(
+            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+            async {
+                let _ = shutdown_rx.await;
+            },
+        );
     let task = tokio::spawn(server);
     tracing::info!(%addr, key_id = core.issuer.key_id(), "authz listening");
     Ok(RunningAuthz {
@@ -223,9 +245,11 @@ const DEFAULT_POLICY: &str = "// agentgate policy (Cedar). Nothing is permitted 
 /// Writes an admin token readable by its owner only, unless a valid one is there.
 async fn bootstrap_admin(core: &Arc<Core>, path: &Path, ttl: Duration) -> anyhow::Result<()> {
     if let Ok(existing) = std::fs::read_to_string(path)
-        && core.issuer.verifier().verify(existing.trim(), None).is_ok_and(|c| {
-            c.exp as i64 * 1_000_000 > now_us() + 600_000_000
-        })
+        && core
+            .issuer
+            .verifier()
+            .verify(existing.trim(), None)
+            .is_ok_and(|c| c.exp as i64 * 1_000_000 > now_us() + 600_000_000)
     {
         return Ok(());
     }
@@ -256,7 +280,11 @@ fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     use std::os::unix::fs::OpenOptionsExt as _;
     let tmp = path.with_extension("tmp");
     let _ = std::fs::remove_file(&tmp);
-    let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp)?;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)?;
     f.write_all(bytes)?;
     f.sync_all()?;
     std::fs::rename(tmp, path)
@@ -281,7 +309,9 @@ pub fn now_us() -> i64 {
 }
 
 pub fn timestamp_us(t: &prost_types::Timestamp) -> i64 {
-    t.seconds.saturating_mul(1_000_000).saturating_add(i64::from(t.nanos) / 1000)
+    t.seconds
+        .saturating_mul(1_000_000)
+        .saturating_add(i64::from(t.nanos) / 1000)
 }
 
 pub fn us_timestamp(us: i64) -> prost_types::Timestamp {

@@ -30,9 +30,12 @@ async fn run() -> anyhow::Result<()> {
         (None, _) => None,
         _ => anyhow::bail!("usage: agentgate-authz [--config FILE]"),
     };
-    let config: FileConfig = agentgate_config::load(config_path.as_deref(), "AGENTGATE", &["data_dir"])?;
+    let config: FileConfig =
+        agentgate_config::load(config_path.as_deref(), "AGENTGATE", &["data_dir"])?;
     let _telemetry = agentgate_telemetry::init("authz", &config.telemetry)?;
-    let data_dir = config.data_dir.unwrap_or_else(|| PathBuf::from("/var/lib/agentgate"));
+    let data_dir = config
+        .data_dir
+        .unwrap_or_else(|| PathBuf::from("/var/lib/agentgate"));
     let mut running = agentgate_authz::start(&config.authz, &data_dir).await?;
     tokio::select! {
         r = running.wait() => r,

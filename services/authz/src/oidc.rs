@@ -22,7 +22,10 @@ const REFRESH_FLOOR: Duration = Duration::from_secs(2);
 /// Largest JWKS document accepted.
 const MAX_JWKS_BYTES: usize = 256 * 1024;
 
-type HttpsClient = Client<hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>, Empty<bytes::Bytes>>;
+type HttpsClient = Client<
+    hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
+    Empty<bytes::Bytes>,
+>;
 
 struct Keys {
     by_kid: HashMap<String, (DecodingKey, Algorithm)>,
@@ -62,11 +65,20 @@ impl OidcIssuer {
     /// Verifies an external token and maps its claims to a principal; also returns its
     /// expiry (µs since the epoch).
     pub async fn verify(&self, token: &str) -> Result<(Principal, i64), TokenError> {
-        let header = jsonwebtoken::decode_header(token).map_err(|e| TokenError::Malformed(e.to_string()))?;
-        if matches!(header.alg, Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512) {
-            return Err(TokenError::UnsupportedAlgorithm(format!("{:?}", header.alg)));
+        let header =
+            jsonwebtoken::decode_header(token).map_err(|e| TokenError::Malformed(e.to_string()))?;
+        if matches!(
+            header.alg,
+            Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512
+        ) {
+            return Err(TokenError::UnsupportedAlgorithm(format!(
+                "{:?}",
+                header.alg
+            )));
         }
-        let kid = header.kid.ok_or_else(|| TokenError::Malformed("no key id (kid)".into()))?;
+        let kid = header
+            .kid
+            .ok_or_else(|| TokenError::Malformed("no key id (kid)".into()))?;
         let (key, alg) = match self.key(&kid) {
             Some(k) => k,
             None => {
@@ -75,7 +87,10 @@ impl OidcIssuer {
             }
         };
         if alg != header.alg {
-            return Err(TokenError::UnsupportedAlgorithm(format!("{:?}", header.alg)));
+            return Err(TokenError::UnsupportedAlgorithm(format!(
+                "{:?}",
+                header.alg
+            )));
         }
         let mut validation = Validation::new(alg);
         validation.set_issuer(&[&self.config.issuer]);
@@ -83,36 +98,52 @@ impl OidcIssuer {
         validation.validate_nbf = true;
         validation.leeway = 5;
         validation.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
-        let data = jsonwebtoken::decode::<serde_json::Value>(token, &key, &validation).map_err(|e| {
-            use jsonwebtoken::errors::ErrorKind as K;
-            match e.kind() {
-                K::InvalidSignature => TokenError::BadSignature,
-                K::ExpiredSignature => TokenError::Expired,
-                K::ImmatureSignature => TokenError::NotYetValid,
-                K::InvalidIssuer => TokenError::WrongIssuer,
-                K::InvalidAudience => TokenError::WrongAudience(self.config.audience.clone()),
-                _ => TokenError::Malformed(e.to_string()),
-            }
-        })?;
+        let data =
+            jsonwebtoken::decode::<serde_json::Value>(token, &key, &validation).map_err(|e| {
+                use jsonwebtoken::errors::ErrorKind as K;
+                match e.kind() {
+                    K::InvalidSignature => TokenError::BadSignature,
+                    K::ExpiredSignature => TokenError::Expired,
+                    K::ImmatureSignature => TokenError::NotYetValid,
+                    K::InvalidIssuer => TokenError::WrongIssuer,
+                    K::InvalidAudience => TokenError::WrongAudience(self.config.audience.clone()),
+                    _ => TokenError::Malformed(e.to_string()),
+                }
+            })?;
         let claims = data.claims;
         let subject = claims
             .get(&self.config.subject_claim)
             .and_then(|v| v.as_str())
             .filter(|s| !s.is_empty() && s.len() <= 200)
-            .ok_or_else(|| TokenError::Malformed(format!("claim {:?} missing", self.config.subject_claim)))?;
+            .ok_or_else(|| {
+                TokenError::Malformed(format!("claim {:?} missing", self.config.subject_claim))
+            })?;
         let mut groups = self.config.groups.clone();
         if let Some(claim) = &self.config.groups_claim
             && let Some(list) = claims.get(claim).and_then(|v| v.as_array())
         {
-            groups.extend(list.iter().filter_map(|g| g.as_str()).take(64).map(str::to_owned));
+            groups.extend(
+                list.iter()
+                    .filter_map(|g| g.as_str())
+                    .take(64)
+                    .map(str::to_owned),
+            );
         }
-        let exp = claims.get("exp").and_then(|e| e.as_i64()).unwrap_or_default() * 1_000_000;
+        let exp = claims
+            .get("exp")
+            .and_then(|e| e.as_i64())
+            .unwrap_or_default()
+            * 1_000_000;
         let principal = Principal {
             subject: format!("{}{subject}", self.config.subject_prefix),
             kind: kind_from_str(&self.config.kind) as i32,
             groups,
             issuer: self.config.issuer.clone(),
-            token_id: claims.get("jti").and_then(|v| v.as_str()).unwrap_or_default().to_owned(),
+            token_id: claims
+                .get("jti")
+                .and_then(|v| v.as_str())
+                .unwrap_or_default()
+                .to_owned(),
         };
         Ok((principal, exp))
     }
@@ -159,7 +190,9 @@ impl OidcIssuer {
         let set: JwkSet = serde_json::from_slice(&body)?;
         let mut keys = HashMap::new();
         for jwk in &set.keys {
-            let Some(kid) = jwk.common.key_id.clone() else { continue };
+            let Some(kid) = jwk.common.key_id.clone() else {
+                continue;
+            };
             let alg = match jwk.common.key_algorithm {
                 Some(a) => match format!("{a:?}").parse::<Algorithm>() {
                     Ok(alg) => alg,
@@ -184,7 +217,9 @@ impl OidcIssuer {
 pub fn peek_issuer(token: &str) -> Option<String> {
     use base64::Engine as _;
     let payload = token.split('.').nth(1)?;
-    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(payload).ok()?;
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload)
+        .ok()?;
     let value: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
     value.get("iss")?.as_str().map(str::to_owned)
 }

@@ -27,18 +27,27 @@ pub struct AuthzService {
 }
 
 fn peer<T>(request: &Request<T>) -> String {
-    request.remote_addr().map(|a| a.to_string()).unwrap_or_default()
+    request
+        .remote_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_default()
 }
 
 fn duration(d: Option<&prost_types::Duration>) -> Option<Duration> {
-    d.and_then(|d| (d.seconds >= 0 && d.nanos >= 0).then(|| Duration::new(d.seconds as u64, d.nanos as u32)))
+    d.and_then(|d| {
+        (d.seconds >= 0 && d.nanos >= 0).then(|| Duration::new(d.seconds as u64, d.nanos as u32))
+    })
 }
 
 impl AuthzService {
     /// The verified principal behind the call's bearer token.
     async fn caller<T>(&self, request: &Request<T>) -> Result<Principal, Status> {
         let token = bearer_token(request.metadata())?;
-        Ok(self.core.verify_token(token, None, &peer(request), "bearer").await?.0)
+        Ok(self
+            .core
+            .verify_token(token, None, &peer(request), "bearer")
+            .await?
+            .0)
     }
 
     /// Proxies and other services call the session API; agents and people do not.
@@ -54,15 +63,25 @@ impl AuthzService {
     }
 
     /// Verifies the credential an agent presented to a proxy.
-    async fn agent_credential(&self, credential: Option<Credential>, audience: Option<&str>, source: &str) -> Result<(Principal, i64), Status> {
+    async fn agent_credential(
+        &self,
+        credential: Option<Credential>,
+        audience: Option<&str>,
+        source: &str,
+    ) -> Result<(Principal, i64), Status> {
         let token = match credential.and_then(|c| c.kind) {
             Some(CredentialKind::BearerToken(t)) | Some(CredentialKind::Password(t)) => t,
             Some(CredentialKind::SshPublicKey(_)) | Some(CredentialKind::SshCertificate(_)) => {
-                return Err(Status::unimplemented("SSH key credentials are verified by the ssh-proxy's CA, not yet by authz"));
+                return Err(Status::unimplemented(
+                    "SSH key credentials are verified by the ssh-proxy's CA, not yet by authz",
+                ));
             }
             None => return Err(Status::unauthenticated("no credential presented")),
         };
-        Ok(self.core.verify_token(&token, audience, source, "token").await?)
+        Ok(self
+            .core
+            .verify_token(&token, audience, source, "token")
+            .await?)
     }
 }
 
@@ -70,21 +89,32 @@ impl AuthzService {
 impl AuthzApi for AuthzService {
     type WatchGrantsStream = BoxStream<GrantEvent>;
 
-    async fn verify_credential(&self, request: Request<VerifyCredentialRequest>) -> Result<Response<VerifyCredentialResponse>, Status> {
+    async fn verify_credential(
+        &self,
+        request: Request<VerifyCredentialRequest>,
+    ) -> Result<Response<VerifyCredentialResponse>, Status> {
         self.service_caller(&request).await?;
         let r = request.into_inner();
         let audience = (!r.audience.is_empty()).then_some(r.audience.as_str());
-        let (principal, exp) = self.agent_credential(r.credential, audience, &r.source_address).await?;
+        let (principal, exp) = self
+            .agent_credential(r.credential, audience, &r.source_address)
+            .await?;
         Ok(Response::new(VerifyCredentialResponse {
             principal: Some(principal),
             expires_at: Some(us_timestamp(exp)),
         }))
     }
 
-    async fn exchange_token(&self, request: Request<ExchangeTokenRequest>) -> Result<Response<ExchangeTokenResponse>, Status> {
+    async fn exchange_token(
+        &self,
+        request: Request<ExchangeTokenRequest>,
+    ) -> Result<Response<ExchangeTokenResponse>, Status> {
         let source = peer(&request);
         let r = request.into_inner();
-        let principal = self.core.verify_external(&r.external_token, &source).await?;
+        let principal = self
+            .core
+            .verify_external(&r.external_token, &source)
+            .await?;
         let ttl = duration(r.ttl.as_ref())
             .filter(|d| !d.is_zero())
             .unwrap_or(self.core.exchange_token_ttl)
@@ -104,7 +134,10 @@ impl AuthzApi for AuthzService {
         }))
     }
 
-    async fn issue_token(&self, request: Request<IssueTokenRequest>) -> Result<Response<IssueTokenResponse>, Status> {
+    async fn issue_token(
+        &self,
+        request: Request<IssueTokenRequest>,
+    ) -> Result<Response<IssueTokenResponse>, Status> {
         let admin = self.caller(&request).await?;
         self.core.require_admin(&admin)?;
         let r = request.into_inner();
@@ -129,12 +162,20 @@ impl AuthzApi for AuthzService {
                 "authz.token_issued",
                 Some(&admin),
                 "",
-                agentgate_proto::audit::v1::audit_event::Detail::Grant(agentgate_proto::audit::v1::GrantRecord {
-                    grant_id: String::new(),
-                    change: format!("token {} issued to {} ({}) for {}s", claims.jti, claims.sub, claims.kind, ttl.as_secs()),
-                    expires_at: Some(us_timestamp(claims.exp as i64 * 1_000_000)),
-                    reason: String::new(),
-                }),
+                agentgate_proto::audit::v1::audit_event::Detail::Grant(
+                    agentgate_proto::audit::v1::GrantRecord {
+                        grant_id: String::new(),
+                        change: format!(
+                            "token {} issued to {} ({}) for {}s",
+                            claims.jti,
+                            claims.sub,
+                            claims.kind,
+                            ttl.as_secs()
+                        ),
+                        expires_at: Some(us_timestamp(claims.exp as i64 * 1_000_000)),
+                        reason: String::new(),
+                    },
+                ),
             )
             .await;
         Ok(Response::new(IssueTokenResponse {
@@ -144,18 +185,29 @@ impl AuthzApi for AuthzService {
         }))
     }
 
-    async fn revoke_token(&self, request: Request<RevokeTokenRequest>) -> Result<Response<RevokeTokenResponse>, Status> {
+    async fn revoke_token(
+        &self,
+        request: Request<RevokeTokenRequest>,
+    ) -> Result<Response<RevokeTokenResponse>, Status> {
         let admin = self.caller(&request).await?;
         self.core.require_admin(&admin)?;
         let r = request.into_inner();
         if uuid::Uuid::parse_str(&r.token_id).is_err() {
-            return Err(Status::invalid_argument("token_id must be a token's id (a UUID)"));
+            return Err(Status::invalid_argument(
+                "token_id must be a token's id (a UUID)",
+            ));
         }
-        let sessions_ended = self.core.revoke_token(&r.token_id, &r.reason, &admin).await?;
+        let sessions_ended = self
+            .core
+            .revoke_token(&r.token_id, &r.reason, &admin)
+            .await?;
         Ok(Response::new(RevokeTokenResponse { sessions_ended }))
     }
 
-    async fn open_session(&self, request: Request<OpenSessionRequest>) -> Result<Response<OpenSessionResponse>, Status> {
+    async fn open_session(
+        &self,
+        request: Request<OpenSessionRequest>,
+    ) -> Result<Response<OpenSessionResponse>, Status> {
         self.service_caller(&request).await?;
         let r = request.into_inner();
         let (principal, token_exp) = self
@@ -163,7 +215,14 @@ impl AuthzApi for AuthzService {
             .await?;
         let opened = self
             .core
-            .open_session(principal, token_exp, &r.connection, &r.role, r.protocol, &r.source_address)
+            .open_session(
+                principal,
+                token_exp,
+                &r.connection,
+                &r.role,
+                r.protocol,
+                &r.source_address,
+            )
             .await?;
         Ok(Response::new(OpenSessionResponse {
             session_id: opened.session_id,
@@ -176,14 +235,20 @@ impl AuthzApi for AuthzService {
         }))
     }
 
-    async fn close_session(&self, request: Request<CloseSessionRequest>) -> Result<Response<CloseSessionResponse>, Status> {
+    async fn close_session(
+        &self,
+        request: Request<CloseSessionRequest>,
+    ) -> Result<Response<CloseSessionResponse>, Status> {
         self.service_caller(&request).await?;
         let r = request.into_inner();
         self.core.close_session(&r.session_id, &r.reason).await?;
         Ok(Response::new(CloseSessionResponse {}))
     }
 
-    async fn authorize(&self, request: Request<AuthorizeRequest>) -> Result<Response<AuthorizeResponse>, Status> {
+    async fn authorize(
+        &self,
+        request: Request<AuthorizeRequest>,
+    ) -> Result<Response<AuthorizeResponse>, Status> {
         self.service_caller(&request).await?;
         let r = request.into_inner();
         let session = self
@@ -191,10 +256,12 @@ impl AuthzApi for AuthzService {
             .session(&r.session_id)
             .ok_or_else(|| Status::not_found(format!("no live session {}", r.session_id)))?;
         let op = r.operation.unwrap_or_default();
-        let d = self
-            .core
-            .current_policy()
-            .authorize(&session.principal, &session.connection, &session.role, &op);
+        let d = self.core.current_policy().authorize(
+            &session.principal,
+            &session.connection,
+            &session.role,
+            &op,
+        );
         Ok(Response::new(AuthorizeResponse {
             decision: d.decision as i32,
             reason: d.reason,
@@ -202,21 +269,38 @@ impl AuthzApi for AuthzService {
         }))
     }
 
-    async fn watch_grants(&self, request: Request<WatchGrantsRequest>) -> Result<Response<Self::WatchGrantsStream>, Status> {
+    async fn watch_grants(
+        &self,
+        request: Request<WatchGrantsRequest>,
+    ) -> Result<Response<Self::WatchGrantsStream>, Status> {
         self.service_caller(&request).await?;
         let stream = BroadcastStream::new(self.core.events.subscribe()).map(|item| {
-            item.map_err(|_| Status::data_loss("the grant event stream fell behind; reconnect and re-check sessions"))
+            item.map_err(|_| {
+                Status::data_loss(
+                    "the grant event stream fell behind; reconnect and re-check sessions",
+                )
+            })
         });
         Ok(Response::new(Box::pin(stream)))
     }
 
-    async fn request_access(&self, request: Request<RequestAccessRequest>) -> Result<Response<RequestAccessResponse>, Status> {
+    async fn request_access(
+        &self,
+        request: Request<RequestAccessRequest>,
+    ) -> Result<Response<RequestAccessResponse>, Status> {
         let caller = self.caller(&request).await?;
         let r = request.into_inner();
         let requested = duration(r.duration.as_ref()).unwrap_or_default();
         let (approval_id, granted) = self
             .access
-            .request(&self.core, caller, &r.connection, &r.role, requested, &r.reason)
+            .request(
+                &self.core,
+                caller,
+                &r.connection,
+                &r.role,
+                requested,
+                &r.reason,
+            )
             .await?;
         Ok(Response::new(RequestAccessResponse {
             approval_id,
@@ -227,7 +311,10 @@ impl AuthzApi for AuthzService {
         }))
     }
 
-    async fn list_grants(&self, request: Request<ListGrantsRequest>) -> Result<Response<ListGrantsResponse>, Status> {
+    async fn list_grants(
+        &self,
+        request: Request<ListGrantsRequest>,
+    ) -> Result<Response<ListGrantsResponse>, Status> {
         let caller = self.caller(&request).await?;
         let r = request.into_inner();
         // Admins see every grant; anyone else only their own.
@@ -252,15 +339,24 @@ impl AuthzApi for AuthzService {
         }))
     }
 
-    async fn revoke_grant(&self, request: Request<RevokeGrantRequest>) -> Result<Response<RevokeGrantResponse>, Status> {
+    async fn revoke_grant(
+        &self,
+        request: Request<RevokeGrantRequest>,
+    ) -> Result<Response<RevokeGrantResponse>, Status> {
         let admin = self.caller(&request).await?;
         self.core.require_admin(&admin)?;
         let r = request.into_inner();
-        let sessions_ended = self.core.revoke_grant(&r.grant_id, &r.reason, &admin).await?;
+        let sessions_ended = self
+            .core
+            .revoke_grant(&r.grant_id, &r.reason, &admin)
+            .await?;
         Ok(Response::new(RevokeGrantResponse { sessions_ended }))
     }
 
-    async fn list_connections(&self, request: Request<ListConnectionsRequest>) -> Result<Response<ListConnectionsResponse>, Status> {
+    async fn list_connections(
+        &self,
+        request: Request<ListConnectionsRequest>,
+    ) -> Result<Response<ListConnectionsResponse>, Status> {
         self.caller(&request).await?;
         Ok(Response::new(ListConnectionsResponse {
             connections: self.core.connections(),

@@ -63,7 +63,9 @@ impl Store {
     pub async fn connect(url: &str) -> anyhow::Result<Store> {
         sqlx::any::install_default_drivers();
         if let Some(path) = url.strip_prefix("sqlite://")
-            && let Some(dir) = std::path::Path::new(path).parent().filter(|d| !d.as_os_str().is_empty())
+            && let Some(dir) = std::path::Path::new(path)
+                .parent()
+                .filter(|d| !d.as_os_str().is_empty())
         {
             std::fs::create_dir_all(dir)?;
         }
@@ -114,7 +116,14 @@ impl Store {
     }
 
     /// Records a revocation; true if it is new.
-    pub async fn revoke_token(&self, jti: &str, by: &str, reason: &str, expires_at_us: i64, now_us: i64) -> sqlx::Result<bool> {
+    pub async fn revoke_token(
+        &self,
+        jti: &str,
+        by: &str,
+        reason: &str,
+        expires_at_us: i64,
+        now_us: i64,
+    ) -> sqlx::Result<bool> {
         let done = sqlx::query(
             "INSERT INTO authz_revocations (jti, revoked_at_us, revoked_by, reason, expires_at_us) \
              VALUES ($1, $2, $3, $4, $5) ON CONFLICT (jti) DO NOTHING",
@@ -167,7 +176,13 @@ impl Store {
     }
 
     /// The grant that lasts longest among the live ones for (subject, connection, role).
-    pub async fn live_grant(&self, subject: &str, connection: &str, role: &str, now_us: i64) -> sqlx::Result<Option<GrantRow>> {
+    pub async fn live_grant(
+        &self,
+        subject: &str,
+        connection: &str,
+        role: &str,
+        now_us: i64,
+    ) -> sqlx::Result<Option<GrantRow>> {
         sqlx::query_as(sqlx::AssertSqlSafe(format!(
             "SELECT {GRANT_COLUMNS} FROM authz_grants WHERE subject = $1 AND connection = $2 AND role = $3 \
              AND not_before_us <= $4 AND expires_at_us > $4 AND revoked_at_us IS NULL \
@@ -182,10 +197,12 @@ impl Store {
     }
 
     pub async fn grant(&self, id: &str) -> sqlx::Result<Option<GrantRow>> {
-        sqlx::query_as(sqlx::AssertSqlSafe(format!("SELECT {GRANT_COLUMNS} FROM authz_grants WHERE id = $1")))
-            .bind(id)
-            .fetch_optional(&self.pool)
-            .await
+        sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT {GRANT_COLUMNS} FROM authz_grants WHERE id = $1"
+        )))
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await
     }
 
     /// Grants still live at `now_us` (for the expiry timer after a restart).
@@ -198,7 +215,13 @@ impl Store {
         .await
     }
 
-    pub async fn list_grants(&self, subject: Option<&str>, connection: Option<&str>, include_expired: bool, now_us: i64) -> sqlx::Result<Vec<GrantRow>> {
+    pub async fn list_grants(
+        &self,
+        subject: Option<&str>,
+        connection: Option<&str>,
+        include_expired: bool,
+        now_us: i64,
+    ) -> sqlx::Result<Vec<GrantRow>> {
         sqlx::query_as(sqlx::AssertSqlSafe(format!(
             "SELECT {GRANT_COLUMNS} FROM authz_grants WHERE ($1 = '' OR subject = $1) AND ($2 = '' OR connection = $2) \
              AND ($3 = 1 OR (expires_at_us > $4 AND revoked_at_us IS NULL)) ORDER BY created_at_us DESC LIMIT 1000"
@@ -212,7 +235,13 @@ impl Store {
     }
 
     /// Marks a grant revoked; false when it was already revoked or does not exist.
-    pub async fn revoke_grant(&self, id: &str, by: &str, reason: &str, now_us: i64) -> sqlx::Result<bool> {
+    pub async fn revoke_grant(
+        &self,
+        id: &str,
+        by: &str,
+        reason: &str,
+        now_us: i64,
+    ) -> sqlx::Result<bool> {
         let done = sqlx::query(
             "UPDATE authz_grants SET revoked_at_us = $1, revoked_by = $2, revoke_reason = $3 \
              WHERE id = $4 AND revoked_at_us IS NULL",
@@ -254,7 +283,12 @@ impl Store {
     }
 
     /// Settles a pending request; false when another instance settled it first.
-    pub async fn settle_access_request(&self, approval_id: &str, state: &str, grant_id: Option<&str>) -> sqlx::Result<bool> {
+    pub async fn settle_access_request(
+        &self,
+        approval_id: &str,
+        state: &str,
+        grant_id: Option<&str>,
+    ) -> sqlx::Result<bool> {
         let done = sqlx::query(
             "UPDATE authz_access_requests SET state = $1, grant_id = $2 WHERE approval_id = $3 AND state = 'pending'",
         )

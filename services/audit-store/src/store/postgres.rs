@@ -90,10 +90,8 @@ impl PgStore {
         key: &SigningKey,
         checkpoint_every: u64,
     ) -> Result<Vec<AppendOutcome>, StoreError> {
-        let t0 = std::time::Instant::now();
         let mut tx = self.locked().await?;
         let (head, last_cp) = Self::head_in(&mut tx).await?;
-        let t1 = t0.elapsed();
 
         // One index range scan per run of consecutive sequence numbers, not one probe per
         // event: a run holds only keys asked for, so the rows found are exactly the stored ones.
@@ -114,30 +112,24 @@ impl PgStore {
         .into_iter()
         .collect();
 
-        let t2 = t0.elapsed();
         let plan = Plan::new(batches, &existing, head, now_us());
-        let t3 = t0.elapsed();
         if !plan.rows.is_empty() {
             insert_events(&mut tx, &plan.rows).await?;
-        }
-        let t4 = t0.elapsed();
-        if !plan.rows.is_empty() {
             upsert_sessions(&mut tx, &plan.sessions).await?;
         }
-        let t5 = t0.elapsed();
-        let gaps = gaps_in(&mut tx, plan.sessions.iter().map(|s| s.session_id.clone()).collect()).await?;
-        let t6 = t0.elapsed();
+        let gaps = gaps_in(
+            &mut tx,
+            plan.sessions.iter().map(|s| s.session_id.clone()).collect(),
+        )
+        .await?;
         if checkpoint_due(plan.head.chain_sequence, last_cp, checkpoint_every) {
-            insert_checkpoint(&mut tx, &Checkpoint::sign(key, plan.head.chain_sequence, &plan.head.hash, now_us()))
-                .await?;
+            insert_checkpoint(
+                &mut tx,
+                &Checkpoint::sign(key, plan.head.chain_sequence, &plan.head.hash, now_us()),
+            )
+            .await?;
         }
         tx.commit().await?;
-        let t7 = t0.elapsed();
-        if std::env::var_os("AG_TRACE_APPEND").is_some() {
-            let ms = |d: std::time::Duration| d.as_secs_f64() * 1000.0;
-            eprintln!("TRACE rows={} head={:.1} exist={:.1} plan={:.1} insert={:.1} sessions={:.1} gaps={:.1} cp+commit={:.1} total={:.1}",
-                plan.rows.len(), ms(t1), ms(t2-t1), ms(t3-t2), ms(t4-t3), ms(t5-t4), ms(t6-t5), ms(t7-t6), ms(t7));
-        }
         Ok(plan.with_gaps(&gaps))
     }
 
@@ -247,7 +239,9 @@ fn key_runs(mut keys: Vec<(String, i64)>) -> Vec<(String, i64, i64)> {
     let mut runs: Vec<(String, i64, i64)> = Vec::new();
     for (id, seq) in keys {
         match runs.last_mut() {
-            Some((last_id, _, last)) if *last_id == id && last.checked_add(1) == Some(seq) => *last = seq,
+            Some((last_id, _, last)) if *last_id == id && last.checked_add(1) == Some(seq) => {
+                *last = seq
+            }
             _ => runs.push((id, seq, seq)),
         }
     }
@@ -390,13 +384,26 @@ mod tests {
 
     #[test]
     fn keys_become_runs_of_consecutive_sequences() {
-        let keys = [("b", 2), ("a", 1), ("a", 2), ("a", 4), ("b", 3), ("a", 2), ("b", i64::MAX)]
-            .map(|(s, n)| (s.to_string(), n))
-            .to_vec();
+        let keys = [
+            ("b", 2),
+            ("a", 1),
+            ("a", 2),
+            ("a", 4),
+            ("b", 3),
+            ("a", 2),
+            ("b", i64::MAX),
+        ]
+        .map(|(s, n)| (s.to_string(), n))
+        .to_vec();
         let runs = key_runs(keys);
-        let expect = [("a", 1, 2), ("a", 4, 4), ("b", 2, 3), ("b", i64::MAX, i64::MAX)]
-            .map(|(s, a, b)| (s.to_string(), a, b))
-            .to_vec();
+        let expect = [
+            ("a", 1, 2),
+            ("a", 4, 4),
+            ("b", 2, 3),
+            ("b", i64::MAX, i64::MAX),
+        ]
+        .map(|(s, a, b)| (s.to_string(), a, b))
+        .to_vec();
         assert_eq!(runs, expect);
     }
 }
