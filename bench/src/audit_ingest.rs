@@ -47,6 +47,10 @@ struct Args {
     /// Its events before the run are left alone; counts are taken as differences.
     #[arg(long, env = "AUDIT_INGEST_DATABASE_URL")]
     database_url: Option<String>,
+    /// The store's data directory (its signing key) with `--database-url`; a fresh temporary
+    /// one when unset. A database that already holds checkpoints needs the key that signed them.
+    #[arg(long, requires = "database_url")]
+    data_dir: Option<std::path::PathBuf>,
     /// Concurrent clients, each with one Ingest stream on its own connection.
     #[arg(long, default_value_t = 4)]
     clients: usize,
@@ -284,7 +288,13 @@ async fn run(args: &Args) -> anyhow::Result<()> {
 async fn start_target(args: &Args) -> anyhow::Result<Target> {
     match (args.backend, &args.database_url) {
         (BackendArg::Postgres, Some(url)) => {
-            let data_dir = tempfile::Builder::new().prefix("audit-ingest-").tempdir()?;
+            let temp = tempfile::Builder::new().prefix("audit-ingest-").tempdir()?;
+            let dir = args
+                .data_dir
+                .clone()
+                .unwrap_or_else(|| temp.path().to_owned());
+            std::fs::create_dir_all(&dir)
+                .with_context(|| format!("creating the data directory {}", dir.display()))?;
             let config = AuditStoreConfig {
                 listen: SocketAddr::from(([127, 0, 0, 1], free_port()?)),
                 database_url: Some(url.clone()),
@@ -292,13 +302,13 @@ async fn start_target(args: &Args) -> anyhow::Result<Target> {
                 checkpoint_interval: Duration::from_secs(3600),
                 ..Default::default()
             };
-            let running = agentgate_audit_store::start(&config, data_dir.path(), None).await?;
+            let running = agentgate_audit_store::start(&config, &dir, None).await?;
             Ok(Target {
                 endpoint: format!("http://{}", running.addr),
                 running: Some(running),
                 database_url: url.clone(),
                 _fixture: None,
-                _data_dir: Some(data_dir),
+                _data_dir: Some(temp),
                 backend: "postgres",
             })
         }
