@@ -152,6 +152,32 @@ fn fill(slot: &mut String, value: &str) {
     }
 }
 
+/// The chain head and the last checkpoint's sequence, from the newest event and the newest
+/// checkpoint (each as sequence and hash). After a prune that removed every event, the
+/// newest checkpoint is the head.
+pub(super) fn head_from(
+    event: Option<(i64, Vec<u8>)>,
+    checkpoint: Option<(i64, Vec<u8>)>,
+) -> Result<(Head, u64), super::StoreError> {
+    let last_checkpoint = checkpoint.as_ref().map(|c| c.0 as u64).unwrap_or(0);
+    let (sequence, hash) = match (event, checkpoint) {
+        (Some(e), Some(c)) if c.0 > e.0 => c,
+        (Some(e), _) => e,
+        (None, Some(c)) => c,
+        (None, None) => (0, agentgate_audit_chain::GENESIS.to_vec()),
+    };
+    let hash = agentgate_audit_chain::to_hash(&hash).ok_or_else(|| {
+        super::StoreError::Invalid(format!("stored hash at {sequence} is not 32 bytes"))
+    })?;
+    Ok((
+        Head {
+            chain_sequence: sequence as u64,
+            hash,
+        },
+        last_checkpoint,
+    ))
+}
+
 /// Whether the head has moved `every` events past the last checkpoint.
 pub(super) fn checkpoint_due(head: u64, last_checkpoint: u64, every: u64) -> bool {
     every > 0 && head >= last_checkpoint + every

@@ -3,11 +3,11 @@
 
 use std::collections::HashSet;
 
-use agentgate_audit_chain::{Checkpoint, GENESIS, SigningKey, to_hash};
+use agentgate_audit_chain::{Checkpoint, SigningKey};
 use sqlx::postgres::{PgPool, PgPoolOptions};
 use sqlx::{Postgres, Transaction};
 
-use super::plan::{Plan, checkpoint_due};
+use super::plan::{Plan, checkpoint_due, head_from};
 use super::{
     AppendOutcome, CheckpointRow, Gap, Head, NewEvent, SessionFilter, SessionRow, StoreError,
     StoredRow, holes, now_us,
@@ -59,24 +59,7 @@ impl PgStore {
         )
         .fetch_optional(&mut **tx)
         .await?;
-        let last_cp = cp.as_ref().map(|c| c.0 as u64).unwrap_or(0);
-        // After a prune that removed every event, the newest checkpoint is the head.
-        let head = match (event, cp) {
-            (Some(e), Some(c)) if c.0 > e.0 => c,
-            (Some(e), _) => e,
-            (None, Some(c)) => c,
-            (None, None) => (0, GENESIS.to_vec()),
-        };
-        let hash = to_hash(&head.1).ok_or_else(|| {
-            StoreError::Invalid(format!("stored hash at {} is not 32 bytes", head.0))
-        })?;
-        Ok((
-            Head {
-                chain_sequence: head.0 as u64,
-                hash,
-            },
-            last_cp,
-        ))
+        head_from(event, cp)
     }
 
     pub async fn head(&self) -> Result<Head, StoreError> {

@@ -4,13 +4,13 @@
 use std::collections::HashSet;
 use std::str::FromStr;
 
-use agentgate_audit_chain::{Checkpoint, GENESIS, SigningKey, to_hash};
+use agentgate_audit_chain::{Checkpoint, SigningKey};
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
 use sqlx::{QueryBuilder, Sqlite, Transaction};
 
-use super::plan::{Plan, checkpoint_due};
+use super::plan::{Plan, checkpoint_due, head_from};
 use super::{
     AppendOutcome, CheckpointRow, Gap, Head, NewEvent, SessionFilter, SessionRow, StoreError,
     StoredRow, holes, now_us,
@@ -68,23 +68,7 @@ impl SqliteStore {
         )
         .fetch_optional(&mut **tx)
         .await?;
-        let last_cp = cp.as_ref().map(|c| c.0 as u64).unwrap_or(0);
-        let head = match (event, cp) {
-            (Some(e), Some(c)) if c.0 > e.0 => c,
-            (Some(e), _) => e,
-            (None, Some(c)) => c,
-            (None, None) => (0, GENESIS.to_vec()),
-        };
-        let hash = to_hash(&head.1).ok_or_else(|| {
-            StoreError::Invalid(format!("stored hash at {} is not 32 bytes", head.0))
-        })?;
-        Ok((
-            Head {
-                chain_sequence: head.0 as u64,
-                hash,
-            },
-            last_cp,
-        ))
+        head_from(event, cp)
     }
 
     pub async fn head(&self) -> Result<Head, StoreError> {
