@@ -11,6 +11,10 @@
 //! wall time from the first measured send to the last measured ack. Batch latency is send
 //! to ack of each measured batch (it includes the time queued behind the batches in flight).
 //! At the end the store's Verify must pass and the rows stored must equal the events sent.
+//!
+//! The store checks tokens as in production: each client presents a recorder's service
+//! token (checked once, when its stream opens), Verify an admin's; all are signed by the
+//! test issuer of the integration-test harness, which the store trusts here.
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
@@ -18,7 +22,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use agentgate_audit_store::{AuditStoreConfig, RunningAuditStore};
-use agentgate_integration_tests::{AuditStoreFixture, Backend, free_port};
+use agentgate_identity::BearerInterceptor;
+use agentgate_integration_tests::{
+    AuditClient, AuditStoreFixture, Backend, audit_client, audit_superuser_token, free_port,
+    recorder_token, test_token_issuer,
+};
 use agentgate_proto::audit::v1::audit_event::Detail;
 use agentgate_proto::audit::v1::audit_store_client::AuditStoreClient;
 use agentgate_proto::audit::v1::{AuditEvent, IngestRequest, OperationRecord, VerifyRequest};
@@ -126,13 +134,15 @@ async fn run(args: &Args) -> anyhow::Result<()> {
 
     // Each client opens its own HTTP/2 connection, as separate proxies would.
     let mut clients = Vec::with_capacity(args.clients);
-    for _ in 0..args.clients {
+    for i in 0..args.clients {
         let channel = Channel::from_shared(target.endpoint.clone())?
             .connect()
             .await
             .with_context(|| format!("connecting to the audit store at {}", target.endpoint))?;
+        let token = BearerInterceptor::new(&recorder_token(&format!("bench-proxy-{i}"))?)
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
         clients.push(
-            AuditStoreClient::new(channel)
+            AuditStoreClient::with_interceptor(channel, token)
                 .max_decoding_message_size(64 << 20)
                 .max_encoding_message_size(64 << 20),
         );
@@ -193,7 +203,7 @@ async fn run(args: &Args) -> anyhow::Result<()> {
 
     // Correctness: every event stored once, and the chain verifies.
     let verify_started = Instant::now();
-    let mut client = AuditStoreClient::connect(target.endpoint.clone()).await?;
+    let mut client = audit_client(&target.endpoint, &audit_superuser_token()?).await?;
     let verify = client.verify(VerifyRequest {}).await?.into_inner();
     let verify_time = verify_started.elapsed();
     let after = count_events(&target.database_url).await?;
@@ -302,7 +312,8 @@ async fn start_target(args: &Args) -> anyhow::Result<Target> {
                 checkpoint_interval: Duration::from_secs(3600),
                 ..Default::default()
             };
-            let running = agentgate_audit_store::start(&config, &dir, None).await?;
+            let auth = Arc::new(test_token_issuer().verifier());
+            let running = agentgate_audit_store::start(&config, &dir, auth, None).await?;
             Ok(Target {
                 endpoint: format!("http://{}", running.addr),
                 running: Some(running),
@@ -571,7 +582,7 @@ impl EventSource {
 
 /// One client: one Ingest stream; warm-up, wait for every client, then the measured run.
 async fn run_client(
-    mut client: AuditStoreClient<Channel>,
+    mut client: AuditClient,
     plan: ClientPlan,
     barrier: Arc<Barrier>,
 ) -> anyhow::Result<ClientReport> {

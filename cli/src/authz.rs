@@ -37,22 +37,7 @@ pub struct AuthzArgs {
 
 impl AuthzArgs {
     fn token(&self) -> anyhow::Result<String> {
-        if let Some(t) = &self.token {
-            return Ok(t.trim().to_owned());
-        }
-        let path = self
-            .data_dir
-            .clone()
-            .unwrap_or_else(crate::up::default_data_dir)
-            .join(agentgate_authz::ADMIN_TOKEN_FILE);
-        std::fs::read_to_string(&path)
-            .map(|t| t.trim().to_owned())
-            .with_context(|| {
-                format!(
-                    "no token: pass --token or set AGENTGATE_TOKEN (no {} either)",
-                    path.display()
-                )
-            })
+        crate::client::resolve_token(self.token.as_deref(), self.data_dir.as_deref())
     }
 
     async fn connect(&self) -> anyhow::Result<(AuthzClient<Channel>, String)> {

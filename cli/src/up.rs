@@ -2,7 +2,9 @@
 //! configuration file (or built-in defaults that need nothing installed).
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
+use agentgate_identity::LateAuthenticator;
 use anyhow::Context as _;
 use clap::Args;
 use serde::{Deserialize, Serialize};
@@ -28,6 +30,7 @@ pub struct GatewayConfig {
     pub audit_store: agentgate_audit_store::AuditStoreConfig,
     pub authz: agentgate_authz::AuthzConfig,
     pub approvals: agentgate_approvals::ApprovalsConfig,
+    pub pg_proxy: agentgate_pg_proxy::PgProxyConfig,
 }
 
 /// `$XDG_DATA_HOME/agentgate`, else `~/.local/share/agentgate`.
@@ -52,8 +55,18 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     create_private_dir(&data_dir)?;
 
     let metrics = agentgate_telemetry::Metrics::new("agentgate");
-    let audit =
-        agentgate_audit_store::start(&config.audit_store, &data_dir, Some(&metrics)).await?;
+    // The audit store checks every caller's token with authz's own authenticator (which also
+    // knows revocations), but starts first, so that authz can record to it from its first
+    // moment. Until authz is up, the store answers UNAVAILABLE ("authz is starting"); the
+    // recorders keep their events spooled meanwhile and retry.
+    let authn = Arc::new(LateAuthenticator::new("authz is starting"));
+    let audit = agentgate_audit_store::start(
+        &config.audit_store,
+        &data_dir,
+        authn.clone(),
+        Some(&metrics),
+    )
+    .await?;
     let scheme = |tls: &agentgate_tls::TlsConfig| if tls.enabled() { "https" } else { "http" };
     let audit_url = format!("{}://{}", scheme(&config.audit_store.tls), audit.addr);
 
@@ -71,19 +84,56 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         )
     });
     let authz = agentgate_authz::start(&authz_config, &data_dir).await?;
+    authn.set(authz.authenticator());
     let mut approvals_config = config.approvals.clone();
     if approvals_config.audit.endpoint
         == agentgate_approvals::config::AuditConfig::default().endpoint
     {
         approvals_config.audit.endpoint = audit_url.clone();
     }
+    // approvals records with a service token authz signs and renews, unless the
+    // configuration names a token file.
+    let approvals_audit_token = approvals_config
+        .audit
+        .token_file
+        .is_none()
+        .then(|| authz.recorder_token_source("approvals"));
     let approvals = agentgate_approvals::start(
         &approvals_config,
         &data_dir,
         authz.authenticator(),
+        approvals_audit_token,
         Some(&metrics),
     )
     .await?;
+
+    // pg-proxy, with tokens authz signs itself: a service token for authz and approvals, and
+    // a renewing recorder token for the audit store.
+    let pg_proxy = if config.pg_proxy.enabled {
+        let mut pg_config = config.pg_proxy.clone();
+        let defaults = agentgate_pg_proxy::PgProxyConfig::default();
+        if pg_config.authz_url == defaults.authz_url {
+            pg_config.authz_url = format!("{}://{}", scheme(&authz_config.tls), authz.addr);
+        }
+        if pg_config.approvals_url == defaults.approvals_url {
+            pg_config.approvals_url =
+                format!("{}://{}", scheme(&approvals_config.tls), approvals.addr);
+        }
+        if pg_config.audit_url == defaults.audit_url {
+            pg_config.audit_url = audit_url.clone();
+        }
+        let token = authz.service_token(&pg_config.name, PROXY_TOKEN_TTL)?;
+        let gateway = agentgate_pg_proxy::gateway(
+            &pg_config,
+            &data_dir,
+            &token,
+            authz.recorder_token_source(&pg_config.name),
+        )
+        .await?;
+        Some(agentgate_pg_proxy::start(&pg_config, gateway).await?)
+    } else {
+        None
+    };
 
     let metrics_server = match config.telemetry.metrics_address {
         Some(addr) => Some(
@@ -111,6 +161,12 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         scheme(&approvals_config.tls),
         approvals.addr
     );
+    if let Some(p) = &pg_proxy {
+        println!(
+            "  pg-proxy     postgres://ROLE@{}/CONNECTION  (the agent's token is the password)",
+            p.addr
+        );
+    }
     if let Some(m) = &metrics_server {
         println!("  metrics      http://{}/metrics", m.local_addr());
     }
@@ -124,6 +180,9 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         r = shutdown_signal() => r?,
     }
     println!("stopping");
+    if let Some(p) = pg_proxy {
+        p.shutdown().await;
+    }
     if let Some(m) = metrics_server {
         m.abort();
     }
@@ -133,6 +192,10 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     println!("stopped");
     Ok(())
 }
+
+/// How long the proxies' in-process service token for authz and approvals lives: the life of
+/// an `agentgate up` run, within reason. (Their audit-store token renews itself.)
+const PROXY_TOKEN_TTL: std::time::Duration = std::time::Duration::from_secs(30 * 24 * 3600);
 
 /// Ctrl-C, or SIGTERM as a service manager sends it.
 async fn shutdown_signal() -> anyhow::Result<()> {

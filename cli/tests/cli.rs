@@ -20,6 +20,8 @@ fn agentgate(args: &[&str]) -> Output {
     Command::new(AGENTGATE)
         .args(args)
         .env_remove("AGENTGATE_AUDIT_STORE_URL")
+        .env_remove("AGENTGATE_TOKEN")
+        .env_remove("AGENTGATE_DATA_DIR")
         .stdin(Stdio::null())
         .output()
         .unwrap()
@@ -55,6 +57,7 @@ struct Up {
 async fn up(dir: &Path) -> Up {
     let port = free_port().unwrap();
     let (authz_port, approvals_port) = (free_port().unwrap(), free_port().unwrap());
+    let pg_port = free_port().unwrap();
     let config = dir.join("agentgate.toml");
     std::fs::write(
         &config,
@@ -62,7 +65,8 @@ async fn up(dir: &Path) -> Up {
             "data_dir = \"{}\"\n[audit_store]\nlisten = \"127.0.0.1:{port}\"\n\
              [authz]\nlisten = \"127.0.0.1:{authz_port}\"\n[[authz.connections]]\nname = \"prod-db\"\n\
              protocol = \"postgres\"\nupstream = \"127.0.0.1:5432\"\nroles = {{ read = {{ user = \"agent_ro\" }} }}\n\
-             [approvals]\nlisten = \"127.0.0.1:{approvals_port}\"\n",
+             [approvals]\nlisten = \"127.0.0.1:{approvals_port}\"\n\
+             [pg_proxy]\nlisten = \"127.0.0.1:{pg_port}\"\n",
             dir.join("data").display()
         ),
     )
@@ -101,8 +105,8 @@ async fn up(dir: &Path) -> Up {
     }
 }
 
-async fn record_a_session(url: &str, spool: &Path) -> String {
-    let recorder = Recorder::open(RecorderConfig::new(url, spool))
+async fn record_a_session(url: &str, spool: &Path, token: &str) -> String {
+    let recorder = Recorder::open(RecorderConfig::new(url, spool).with_token(token))
         .await
         .unwrap();
     let s = recorder.session(SessionContext {
@@ -158,13 +162,40 @@ async fn up_then_audit_commands_then_ctrl_c() {
     let dir = tempfile::tempdir().unwrap();
     let mut gw = up(dir.path()).await;
     let url = gw.url.clone();
-    let session = record_a_session(&url, &dir.path().join("spool.db")).await;
+    let data = dir.path().join("data");
+    let data = data.to_str().unwrap();
+    let authz = gw.authz_url.clone();
 
+    // A proxy's recorder needs a service token; the bootstrap admin token issues one.
+    let issued = agentgate(&[
+        "token",
+        "issue",
+        "--authz",
+        &authz,
+        "--data-dir",
+        data,
+        "--subject",
+        "service:test-proxy",
+        "--kind",
+        "service",
+        "--audience",
+        "audit-store",
+        "--ttl",
+        "15m",
+    ]);
+    assert!(issued.status.success(), "{}", stderr(&issued));
+    let service_token = stdout(&issued).trim().to_owned();
+    let session = record_a_session(&url, &dir.path().join("spool.db"), &service_token).await;
+
+    // Reading the log needs a token in group admin or auditor: the bootstrap admin token in
+    // the data directory is the default.
     let sessions = agentgate(&[
         "audit",
         "sessions",
         "--store",
         &url,
+        "--data-dir",
+        data,
         "--principal",
         "agent:deploy-bot",
     ]);
@@ -179,12 +210,69 @@ async fn up_then_audit_commands_then_ctrl_c() {
         "sessions",
         "--store",
         &url,
+        "--data-dir",
+        data,
         "--principal",
         "agent:nobody",
     ]);
     assert_eq!(stdout(&none).trim(), "no sessions");
+    // The recorder's service token cannot read; a forged one is refused with a hint.
+    let service_reads = agentgate(&[
+        "audit",
+        "sessions",
+        "--store",
+        &url,
+        "--token",
+        &service_token,
+    ]);
+    assert_one_line_error(&service_reads, "needs group \"admin\" or \"auditor\"");
+    let forged = agentgate(&["audit", "verify", "--store", &url, "--token", "not.a.token"]);
+    assert_one_line_error(
+        &forged,
+        "pass a valid token with --token or AGENTGATE_TOKEN",
+    );
+    let nowhere = dir.path().join("no-such-data-dir");
+    let no_token = agentgate(&[
+        "audit",
+        "verify",
+        "--store",
+        &url,
+        "--data-dir",
+        nowhere.to_str().unwrap(),
+    ]);
+    assert_one_line_error(&no_token, "no token: pass --token or set AGENTGATE_TOKEN");
 
-    let events = agentgate(&["audit", "events", &session, "--store", &url]);
+    // authz records to the store with a service token it signs itself.
+    let mut authz_sessions = String::new();
+    for _ in 0..50 {
+        let o = agentgate(&[
+            "audit",
+            "sessions",
+            "--store",
+            &url,
+            "--data-dir",
+            data,
+            "--connection",
+            "authz",
+        ]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        authz_sessions = stdout(&o);
+        if authz_sessions.contains("service:authz") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(authz_sessions.contains("service:authz"), "{authz_sessions}");
+
+    let events = agentgate(&[
+        "audit",
+        "events",
+        &session,
+        "--store",
+        &url,
+        "--data-dir",
+        data,
+    ]);
     assert!(events.status.success(), "{}", stderr(&events));
     let timeline = stdout(&events);
     let lines: Vec<&str> = timeline.lines().collect();
@@ -201,13 +289,10 @@ async fn up_then_audit_commands_then_ctrl_c() {
     );
     assert!(lines[2].contains("client closed"));
 
-    let online = agentgate(&["audit", "verify", "--store", &url]);
+    let online = agentgate(&["audit", "verify", "--store", &url, "--data-dir", data]);
     assert!(online.status.success(), "{}", stderr(&online));
-    assert!(
-        stdout(&online).starts_with("OK: 3 events"),
-        "{}",
-        stdout(&online)
-    );
+    // The session's 3 events, and what authz recorded meanwhile.
+    assert!(stdout(&online).starts_with("OK: "), "{}", stdout(&online));
 
     let bundle = dir.path().join("evidence.ndjson");
     let export = agentgate(&[
@@ -215,6 +300,8 @@ async fn up_then_audit_commands_then_ctrl_c() {
         "export",
         "--store",
         &url,
+        "--data-dir",
+        data,
         "-o",
         bundle.to_str().unwrap(),
     ]);
@@ -255,17 +342,19 @@ async fn up_then_audit_commands_then_ctrl_c() {
     let mut lines: Vec<String> = text.lines().map(str::to_owned).collect();
     let i = lines
         .iter()
-        .position(|l| l.contains("\"session_sequence\":2"))
+        .position(|l| l.contains(&session) && l.contains("\"session_sequence\":2"))
         .unwrap();
+    let record: serde_json::Value = serde_json::from_str(&lines[i]).unwrap();
+    let chain_sequence = record["event"]["chain_sequence"].as_u64().unwrap();
     lines[i] = lines[i].replace("\"session_sequence\":2", "\"session_sequence\":7");
     std::fs::write(&tampered, lines.join("\n")).unwrap();
     let caught = agentgate(&["audit", "verify", tampered.to_str().unwrap()]);
-    assert_one_line_error(&caught, "TAMPERED at chain record 2");
+    assert_one_line_error(
+        &caught,
+        &format!("TAMPERED at chain record {chain_sequence}"),
+    );
 
     // The bootstrap admin token in the data directory issues tokens; agents use theirs.
-    let data = dir.path().join("data");
-    let data = data.to_str().unwrap();
-    let authz = gw.authz_url.clone();
     let issued = agentgate(&[
         "token",
         "issue",

@@ -232,8 +232,59 @@ pub enum Backend {
     Postgres,
 }
 
+/// A client of the audit store that sends a bearer token with every call.
+pub type AuditClient = agentgate_proto::audit::v1::audit_store_client::AuditStoreClient<
+    tonic::service::interceptor::InterceptedService<
+        tonic::transport::Channel,
+        agentgate_identity::BearerInterceptor,
+    >,
+>;
+
+/// A connected audit store client that presents `token` on every call.
+pub async fn audit_client(endpoint: &str, token: &str) -> anyhow::Result<AuditClient> {
+    let channel = tonic::transport::Endpoint::from_shared(endpoint.to_owned())?
+        .connect()
+        .await?;
+    let bearer =
+        agentgate_identity::BearerInterceptor::new(token).map_err(|e| anyhow::anyhow!("{e}"))?;
+    Ok(
+        agentgate_proto::audit::v1::audit_store_client::AuditStoreClient::with_interceptor(
+            channel, bearer,
+        )
+        .max_decoding_message_size(64 << 20)
+        .max_encoding_message_size(64 << 20),
+    )
+}
+
+/// A token the audit store takes for everything: a service principal (it may Ingest) in
+/// group `admin` (it may read and prune), signed by [`test_token_issuer`].
+pub fn audit_superuser_token() -> anyhow::Result<String> {
+    test_token(
+        &test_token_issuer(),
+        "service:test-harness",
+        agentgate_proto::common::v1::PrincipalKind::Service,
+        &[agentgate_audit_store::access::ADMIN_GROUP],
+    )
+}
+
+/// A recorder's token for the audit store: `service:<service>`, kind service, audience
+/// `audit-store`, signed by [`test_token_issuer`], valid for an hour.
+pub fn recorder_token(service: &str) -> anyhow::Result<String> {
+    let (token, _) = test_token_issuer()
+        .issue(&agentgate_identity::TokenRequest {
+            subject: format!("service:{service}"),
+            kind: agentgate_proto::common::v1::PrincipalKind::Service,
+            groups: Vec::new(),
+            audience: vec![agentgate_identity::AUDIT_STORE_AUDIENCE.to_owned()],
+            ttl: Duration::from_secs(3600),
+        })
+        .map_err(|e| anyhow::anyhow!("issuing a recorder token: {e}"))?;
+    Ok(token)
+}
+
 /// An audit store served in-process on a free port, with its own data directory and, for
-/// the Postgres backend, its own private cluster.
+/// the Postgres backend, its own private cluster. It trusts [`test_token_issuer`]'s tokens;
+/// [`AuditStoreFixture::client`] carries one that may do everything.
 pub struct AuditStoreFixture {
     pub running: Option<agentgate_audit_store::RunningAuditStore>,
     pub config: agentgate_audit_store::AuditStoreConfig,
@@ -242,11 +293,27 @@ pub struct AuditStoreFixture {
     pub admin_url: Option<String>,
     pub database_url: String,
     pub postgres: Option<Postgres>,
+    /// Signs the tokens the store accepts (unless started with another authenticator).
+    pub issuer: agentgate_identity::TokenIssuer,
+    /// What the store checks tokens with; kept for restarts.
+    pub auth: std::sync::Arc<dyn agentgate_identity::Authenticator>,
 }
 
 impl AuditStoreFixture {
-    /// Starts a store on `backend` with checkpoints every `checkpoint_every` events.
+    /// Starts a store on `backend` with checkpoints every `checkpoint_every` events, trusting
+    /// [`test_token_issuer`].
     pub async fn start(backend: Backend, checkpoint_every: u64) -> anyhow::Result<Self> {
+        let auth = std::sync::Arc::new(test_token_issuer().verifier());
+        Self::start_with(backend, checkpoint_every, auth).await
+    }
+
+    /// Like [`AuditStoreFixture::start`], checking tokens with `auth` (e.g. authz's, set
+    /// late through an `agentgate_identity::LateAuthenticator`, as `agentgate up` does).
+    pub async fn start_with(
+        backend: Backend,
+        checkpoint_every: u64,
+        auth: std::sync::Arc<dyn agentgate_identity::Authenticator>,
+    ) -> anyhow::Result<Self> {
         let data_dir = tempfile::Builder::new()
             .prefix("agentgate-audit-")
             .tempdir()?;
@@ -270,7 +337,8 @@ impl AuditStoreFixture {
             checkpoint_interval: Duration::from_secs(3600),
             ..Default::default()
         };
-        let running = agentgate_audit_store::start(&config, data_dir.path(), None).await?;
+        let running =
+            agentgate_audit_store::start(&config, data_dir.path(), auth.clone(), None).await?;
         Ok(AuditStoreFixture {
             running: Some(running),
             config,
@@ -278,6 +346,8 @@ impl AuditStoreFixture {
             admin_url,
             database_url,
             postgres,
+            issuer: test_token_issuer(),
+            auth,
         })
     }
 
@@ -286,8 +356,18 @@ impl AuditStoreFixture {
         format!("http://{}", self.config.listen)
     }
 
-    /// A connected gRPC client.
-    pub async fn client(
+    /// A connected gRPC client whose token may do everything ([`audit_superuser_token`]).
+    pub async fn client(&self) -> anyhow::Result<AuditClient> {
+        audit_client(&self.endpoint(), &audit_superuser_token()?).await
+    }
+
+    /// A connected gRPC client presenting `token`.
+    pub async fn client_as(&self, token: &str) -> anyhow::Result<AuditClient> {
+        audit_client(&self.endpoint(), token).await
+    }
+
+    /// A connected gRPC client that sends no credential at all.
+    pub async fn anonymous_client(
         &self,
     ) -> anyhow::Result<
         agentgate_proto::audit::v1::audit_store_client::AuditStoreClient<tonic::transport::Channel>,
@@ -297,6 +377,27 @@ impl AuditStoreFixture {
                 self.endpoint(),
             )
             .await?,
+        )
+    }
+
+    /// A token for `subject` of `kind` in `groups`, which the store accepts.
+    pub fn token(
+        &self,
+        subject: &str,
+        kind: agentgate_proto::common::v1::PrincipalKind,
+        groups: &[&str],
+    ) -> anyhow::Result<String> {
+        test_token(&self.issuer, subject, kind, groups)
+    }
+
+    /// A recorder configuration shipping to this store with a valid service token.
+    pub fn recorder_config(
+        &self,
+        spool: &Path,
+    ) -> anyhow::Result<agentgate_recorder::RecorderConfig> {
+        Ok(
+            agentgate_recorder::RecorderConfig::new(self.endpoint(), spool)
+                .with_token(recorder_token("test-recorder")?),
         )
     }
 
@@ -313,7 +414,9 @@ impl AuditStoreFixture {
         self.stop().await?;
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
-            match agentgate_audit_store::start(&self.config, self.data_dir.path(), None).await {
+            let auth = self.auth.clone();
+            match agentgate_audit_store::start(&self.config, self.data_dir.path(), auth, None).await
+            {
                 Ok(r) => {
                     self.running = Some(r);
                     return Ok(());
@@ -353,11 +456,15 @@ pub fn workspace_binary(name: &str) -> anyhow::Result<PathBuf> {
     Ok(path)
 }
 
-/// The token issuer the approvals tests sign with (a fixed test key, issuer "agentgate").
+/// The private key of [`test_token_issuer`].
+const TEST_KEY: [u8; 32] = [42; 32];
+
+/// The token issuer the tests sign with (a fixed test key, issuer "agentgate"); the audit
+/// store and approvals fixtures trust it.
 pub fn test_token_issuer() -> agentgate_identity::TokenIssuer {
     // A fixed key: tests and the processes they start agree on it without sharing files.
     agentgate_identity::TokenIssuer::new(
-        &ed25519_dalek::SigningKey::from_bytes(&[42; 32]),
+        &ed25519_dalek::SigningKey::from_bytes(&TEST_KEY),
         "agentgate",
     )
     .expect("a fixed Ed25519 key is valid")
@@ -403,7 +510,8 @@ pub struct ApprovalsFixture {
 impl ApprovalsFixture {
     /// Starts with `config` as given, except `listen` (a free port) and, when unset,
     /// `database_url` (SQLite in a fresh data directory) and `audit.endpoint` (a port where
-    /// nothing listens: events stay in the spool).
+    /// nothing listens: events stay in the spool). The recorder presents a
+    /// [`recorder_token`] for `service:approvals` unless `audit.token_file` is set.
     pub async fn start(mut config: agentgate_approvals::ApprovalsConfig) -> anyhow::Result<Self> {
         let data_dir = tempfile::Builder::new()
             .prefix("agentgate-approvals-")
@@ -419,10 +527,18 @@ impl ApprovalsFixture {
             config.audit.endpoint = format!("http://127.0.0.1:{}", free_port()?);
         }
         let issuer = test_token_issuer();
+        let audit_token: Option<std::sync::Arc<dyn agentgate_recorder::TokenSource>> =
+            match config.audit.token_file {
+                Some(_) => None,
+                None => Some(std::sync::Arc::new(agentgate_recorder::FixedToken::new(
+                    recorder_token("approvals")?,
+                ))),
+            };
         let running = agentgate_approvals::start(
             &config,
             data_dir.path(),
             std::sync::Arc::new(issuer.verifier()),
+            audit_token,
             None,
         )
         .await?;

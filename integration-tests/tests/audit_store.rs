@@ -6,15 +6,13 @@
 use std::time::Duration;
 
 use agentgate_audit_chain::{BundleError, verify_bundle};
-use agentgate_integration_tests::{AuditStoreFixture, Backend};
-use agentgate_proto::audit::v1::audit_store_client::AuditStoreClient;
+use agentgate_integration_tests::{AuditClient, AuditStoreFixture, Backend};
 use agentgate_proto::audit::v1::{
     AuditEvent, CheckpointRequest, ExportRequest, GetSessionEventsRequest, IngestAck,
     IngestRequest, ListSessionsRequest, PruneRequest, ReplaySessionRequest, VerifyRequest,
 };
 use agentgate_proto::common::v1::{Principal, Protocol, TimeRange};
 use futures::StreamExt as _;
-use tonic::transport::Channel;
 
 fn now() -> prost_types::Timestamp {
     agentgate_audit_store::us_timestamp(agentgate_audit_store::store::now_us())
@@ -61,7 +59,7 @@ fn new_session() -> String {
 
 /// Sends batches over one Ingest stream and collects the acknowledgements.
 async fn ingest(
-    client: &mut AuditStoreClient<Channel>,
+    client: &mut AuditClient,
     batches: Vec<Vec<AuditEvent>>,
 ) -> Result<Vec<IngestAck>, tonic::Status> {
     let requests: Vec<_> = batches
@@ -83,13 +81,11 @@ async fn ingest(
     Ok(out)
 }
 
-async fn verify(
-    client: &mut AuditStoreClient<Channel>,
-) -> agentgate_proto::audit::v1::VerifyResponse {
+async fn verify(client: &mut AuditClient) -> agentgate_proto::audit::v1::VerifyResponse {
     client.verify(VerifyRequest {}).await.unwrap().into_inner()
 }
 
-async fn export(client: &mut AuditStoreClient<Channel>) -> Vec<u8> {
+async fn export(client: &mut AuditClient) -> Vec<u8> {
     let mut stream = client
         .export(ExportRequest::default())
         .await
@@ -102,7 +98,7 @@ async fn export(client: &mut AuditStoreClient<Channel>) -> Vec<u8> {
     bundle
 }
 
-async fn session_count(client: &mut AuditStoreClient<Channel>, session: &str) -> usize {
+async fn session_count(client: &mut AuditClient, session: &str) -> usize {
     match client
         .get_session_events(GetSessionEventsRequest {
             session_id: session.into(),
@@ -567,7 +563,8 @@ async fn a_replaced_signing_key_is_refused_at_start(backend: Backend) {
     fx.stop().await.unwrap();
     // The key file is lost; a fresh one would sign checkpoints the old ones do not match.
     std::fs::remove_file(fx.config.signing_key_path(fx.data_dir.path())).unwrap();
-    let err = match agentgate_audit_store::start(&fx.config, fx.data_dir.path(), None).await {
+    let auth = std::sync::Arc::new(fx.issuer.verifier());
+    let err = match agentgate_audit_store::start(&fx.config, fx.data_dir.path(), auth, None).await {
         Ok(_) => panic!("a store with a new key over old checkpoints must not start"),
         Err(e) => e.to_string(),
     };

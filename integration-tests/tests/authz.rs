@@ -79,7 +79,12 @@ struct Stack {
 impl Stack {
     async fn start(oidc: Vec<OidcIssuerConfig>) -> Stack {
         agentgate_tls::install_crypto_provider();
-        let audit = AuditStoreFixture::start(Backend::Sqlite, 100)
+        // The store checks tokens with authz's own authenticator, set once authz runs (as
+        // `agentgate up` wires it).
+        let authn = Arc::new(agentgate_identity::LateAuthenticator::new(
+            "authz is starting",
+        ));
+        let audit = AuditStoreFixture::start_with(Backend::Sqlite, 100, authn.clone())
             .await
             .unwrap();
         let dir = tempfile::tempdir().unwrap();
@@ -123,6 +128,7 @@ impl Stack {
             ..Default::default()
         };
         let authz = agentgate_authz::start(&config, dir.path()).await.unwrap();
+        authn.set(authz.authenticator());
         let approvals_config = agentgate_approvals::ApprovalsConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], approvals_port)),
             audit: agentgate_approvals::config::AuditConfig {
@@ -131,10 +137,15 @@ impl Stack {
             },
             ..Default::default()
         };
-        let approvals =
-            agentgate_approvals::start(&approvals_config, dir.path(), authz.authenticator(), None)
-                .await
-                .unwrap();
+        let approvals = agentgate_approvals::start(
+            &approvals_config,
+            dir.path(),
+            authz.authenticator(),
+            Some(authz.recorder_token_source("approvals")),
+            None,
+        )
+        .await
+        .unwrap();
         let authz_url = format!("http://{}", authz.addr);
         let proxy = AuthzClient::new(
             &authz_url,
@@ -343,7 +354,14 @@ async fn forged_tokens_are_refused_and_recorded() {
     assert!(s.open(&cases[7].1, "prod-db", "read").await.is_ok());
 
     // Every verification is recorded, refusals with their reason.
-    let mut audit = s.audit.client().await.unwrap();
+    let auditor = s.token(
+        "human:auditor",
+        PrincipalKind::Human,
+        &["auditor"],
+        &[],
+        Duration::from_secs(600),
+    );
+    let mut audit = s.audit.client_as(&auditor).await.unwrap();
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
         let sessions = audit

@@ -23,9 +23,11 @@ async fn audit_store_requires_a_client_certificate() {
         tls: certs.tls_config("audit-store").unwrap(),
         ..Default::default()
     };
-    let running = agentgate_audit_store::start(&config, dir.path(), None)
+    let auth = std::sync::Arc::new(agentgate_integration_tests::test_token_issuer().verifier());
+    let running = agentgate_audit_store::start(&config, dir.path(), auth, None)
         .await
         .unwrap();
+    let token = agentgate_integration_tests::audit_superuser_token().unwrap();
     let url = format!("https://localhost:{}", running.addr.port());
 
     let client_tls = certs.tls_config("pg-proxy").unwrap();
@@ -40,7 +42,10 @@ async fn audit_store_requires_a_client_certificate() {
         .await
         .unwrap();
     let v = AuditStoreClient::new(channel)
-        .verify(VerifyRequest {})
+        .verify(agentgate_integration_tests::bearer(
+            &token,
+            VerifyRequest {},
+        ))
         .await
         .unwrap()
         .into_inner();
@@ -60,7 +65,10 @@ async fn audit_store_requires_a_client_certificate() {
             .connect()
             .await?;
         AuditStoreClient::new(channel)
-            .verify(VerifyRequest {})
+            .verify(agentgate_integration_tests::bearer(
+                &token,
+                VerifyRequest {},
+            ))
             .await
             .map_err(anyhow::Error::from)?;
         anyhow::Ok(())
@@ -77,7 +85,11 @@ async fn audit_store_requires_a_client_certificate() {
     let plain = format!("http://127.0.0.1:{}", running.addr.port());
     let outcome = async {
         let mut c = AuditStoreClient::connect(plain).await?;
-        c.verify(VerifyRequest {}).await?;
+        c.verify(agentgate_integration_tests::bearer(
+            &token,
+            VerifyRequest {},
+        ))
+        .await?;
         anyhow::Ok(())
     };
     assert!(

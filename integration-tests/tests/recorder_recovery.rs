@@ -7,8 +7,9 @@ use std::collections::HashMap;
 use std::process::Stdio;
 use std::time::Duration;
 
-use agentgate_integration_tests::{Backend, Postgres, free_port};
-use agentgate_proto::audit::v1::audit_store_client::AuditStoreClient;
+use agentgate_integration_tests::{
+    Backend, Postgres, audit_client, audit_superuser_token, free_port,
+};
 use agentgate_proto::audit::v1::{GetSessionEventsRequest, ListSessionsRequest, VerifyRequest};
 use tokio::io::{AsyncBufReadExt as _, BufReader, Lines};
 use tokio::process::{Child, ChildStdout, Command};
@@ -114,7 +115,9 @@ async fn crash_and_recover(backend: Backend) {
     assert_eq!(done.as_deref(), Some("flushed"));
     assert!(drain.wait().await.unwrap().success());
 
-    let mut c = AuditStoreClient::connect(endpoint).await.unwrap();
+    let mut c = audit_client(&endpoint, &audit_superuser_token().unwrap())
+        .await
+        .unwrap();
     assert_eq!(acked.len(), 3);
     for (session, last_acked) in &acked {
         let events = c

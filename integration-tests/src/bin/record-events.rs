@@ -4,7 +4,7 @@
 //! `record-events ENDPOINT SPOOL SESSIONS EVENTS DELAY_MS` records EVENTS events in each of
 //! SESSIONS sessions, printing `recorded SESSION SEQ` once each is durable, then waits until
 //! the store acknowledged everything and prints `flushed`. With SESSIONS = 0 it only ships
-//! what the spool already holds.
+//! what the spool already holds. It presents a recorder token of the harness's test issuer.
 
 use std::io::Write as _;
 use std::time::Duration;
@@ -22,7 +22,9 @@ async fn main() -> anyhow::Result<()> {
     };
     let (sessions, events, delay): (usize, u64, u64) =
         (sessions.parse()?, events.parse()?, delay_ms.parse()?);
-    let mut config = RecorderConfig::new(endpoint.clone(), spool);
+    let mut config = RecorderConfig::new(endpoint.clone(), spool).with_token(
+        agentgate_integration_tests::recorder_token("record-events")?,
+    );
     config.batch_max = 50;
     config.max_backoff = Duration::from_millis(500);
     let recorder = Recorder::open(config).await?;

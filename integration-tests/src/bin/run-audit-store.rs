@@ -2,7 +2,7 @@
 //! code `agentgate up` and `agentgate-audit-store` run.
 //!
 //! `run-audit-store DATA_DIR DATABASE_URL PORT CHECKPOINT_EVERY` prints `listening` when
-//! it accepts connections, then serves until killed.
+//! it accepts connections, then serves until killed. It trusts the harness's test issuer.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -19,7 +19,9 @@ async fn main() -> anyhow::Result<()> {
         checkpoint_every: every.parse()?,
         ..Default::default()
     };
-    let mut running = agentgate_audit_store::start(&config, &PathBuf::from(data_dir), None).await?;
+    let auth = std::sync::Arc::new(agentgate_integration_tests::test_token_issuer().verifier());
+    let mut running =
+        agentgate_audit_store::start(&config, &PathBuf::from(data_dir), auth, None).await?;
     println!("listening");
     running.wait().await
 }

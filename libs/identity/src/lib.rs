@@ -7,6 +7,7 @@
 //! [`TokenError`] so the refusal can be recorded with its reason.
 
 use std::collections::HashMap;
+use std::path::PathBuf;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use agentgate_proto::common::v1::{Principal, PrincipalKind};
@@ -17,6 +18,11 @@ use ed25519_dalek::{SigningKey, VerifyingKey};
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
+
+/// The audience of tokens meant for the audit store. The store refuses a token whose
+/// audience list does not name it (a token without audience is for any service), so a
+/// recorder's token, issued for this audience only, opens nothing else that checks audience.
+pub const AUDIT_STORE_AUDIENCE: &str = "audit-store";
 
 /// The claims of an agentgate token.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -96,6 +102,10 @@ pub enum TokenError {
     WrongIssuer,
     #[error("token {0} was revoked")]
     Revoked(String),
+    /// Not a verdict on the token: it cannot be checked right now (e.g. a
+    /// [`LateAuthenticator`] not set yet). Callers answer UNAVAILABLE, so clients retry.
+    #[error("cannot verify tokens yet: {0}")]
+    Unavailable(String),
 }
 
 /// What to put in a new token.
@@ -270,6 +280,153 @@ impl Authenticator for TokenVerifier {
     }
 }
 
+/// Tokens a standalone service accepts (the `[<service>.auth]` table): agentgate's own,
+/// signed by authz with one of these Ed25519 keys. Under `agentgate up` services get authz's
+/// own authenticator instead, which also knows revocations.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    /// The `iss` claim agentgate tokens carry.
+    pub issuer: String,
+    /// authz's public keys (PEM `PUBLIC KEY` files, as authz writes `authz-public-key.pem`);
+    /// several during a key rotation.
+    pub public_keys: Vec<PathBuf>,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig {
+            issuer: "agentgate".into(),
+            public_keys: Vec::new(),
+        }
+    }
+}
+
+/// Why an [`AuthConfig`] gives no verifier. `table` is where the keys are configured
+/// (`approvals.auth`, `audit_store.auth`), so the message says what to fix.
+#[derive(Debug, thiserror::Error)]
+pub enum AuthConfigError {
+    #[error(
+        "{table}.public_keys is empty: name authz's public key file(s) (authz writes authz-public-key.pem into its data directory) so tokens can be verified"
+    )]
+    NoKeys { table: String },
+    #[error("{table}.public_keys: reading {path}: {error}")]
+    Read {
+        table: String,
+        path: String,
+        error: std::io::Error,
+    },
+    #[error("{table}.public_keys: {path} is not an Ed25519 PUBLIC KEY PEM: {reason}")]
+    NotAKey {
+        table: String,
+        path: String,
+        reason: String,
+    },
+}
+
+impl AuthConfig {
+    /// A verifier trusting the configured issuer and keys; `table` names the configuration
+    /// table in errors.
+    pub fn verifier(&self, table: &str) -> Result<TokenVerifier, AuthConfigError> {
+        use ed25519_dalek::pkcs8::DecodePublicKey as _;
+        if self.public_keys.is_empty() {
+            return Err(AuthConfigError::NoKeys {
+                table: table.to_owned(),
+            });
+        }
+        let mut verifier = TokenVerifier::new(self.issuer.clone());
+        for path in &self.public_keys {
+            let shown = path.display().to_string();
+            let pem = std::fs::read_to_string(path).map_err(|error| AuthConfigError::Read {
+                table: table.to_owned(),
+                path: shown.clone(),
+                error,
+            })?;
+            let key =
+                VerifyingKey::from_public_key_pem(&pem).map_err(|e| AuthConfigError::NotAKey {
+                    table: table.to_owned(),
+                    path: shown.clone(),
+                    reason: e.to_string(),
+                })?;
+            verifier.add_key(&key);
+        }
+        Ok(verifier)
+    }
+}
+
+/// Sends `authorization: Bearer <token>` with every call of a tonic client:
+/// `AuditStoreClient::with_interceptor(channel, BearerInterceptor::new(&token)?)`.
+#[derive(Clone)]
+pub struct BearerInterceptor {
+    value: tonic::metadata::MetadataValue<tonic::metadata::Ascii>,
+}
+
+impl BearerInterceptor {
+    /// Fails when the token cannot be sent as header text.
+    pub fn new(token: &str) -> Result<BearerInterceptor, TokenError> {
+        let value = format!("Bearer {}", token.trim())
+            .parse()
+            .map_err(|_| TokenError::Malformed("the token is not valid header text".into()))?;
+        Ok(BearerInterceptor { value })
+    }
+}
+
+impl tonic::service::Interceptor for BearerInterceptor {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        req.metadata_mut()
+            .insert("authorization", self.value.clone());
+        Ok(req)
+    }
+}
+
+/// The `exp` of a JWT, read **without verifying anything**: only for a token an
+/// [`Authenticator`] has just accepted, e.g. to end a long-lived stream when its credential
+/// runs out. `None` when the token has no readable `exp`.
+pub fn unverified_expiry(token: &str) -> Option<SystemTime> {
+    let payload = token.split('.').nth(1)?;
+    let bytes = URL_SAFE_NO_PAD.decode(payload).ok()?;
+    let value: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
+    let exp = value.get("exp")?.as_u64()?;
+    Some(UNIX_EPOCH + Duration::from_secs(exp))
+}
+
+/// An authenticator that is set once, after the service using it has started: `agentgate up`
+/// starts the audit store before authz, whose authenticator the store uses. Until
+/// [`LateAuthenticator::set`], every token gets [`TokenError::Unavailable`].
+pub struct LateAuthenticator {
+    inner: std::sync::OnceLock<std::sync::Arc<dyn Authenticator>>,
+    pending: String,
+}
+
+impl LateAuthenticator {
+    /// `pending` says why tokens cannot be checked yet, e.g. "authz is starting".
+    pub fn new(pending: impl Into<String>) -> LateAuthenticator {
+        LateAuthenticator {
+            inner: std::sync::OnceLock::new(),
+            pending: pending.into(),
+        }
+    }
+
+    /// Sets the authenticator; a second call is ignored (the first one stays).
+    pub fn set(&self, authenticator: std::sync::Arc<dyn Authenticator>) {
+        let _ = self.inner.set(authenticator);
+    }
+}
+
+#[tonic::async_trait]
+impl Authenticator for LateAuthenticator {
+    async fn authenticate(
+        &self,
+        token: &str,
+        audience: Option<&str>,
+    ) -> Result<Principal, TokenError> {
+        match self.inner.get() {
+            Some(a) => a.authenticate(token, audience).await,
+            None => Err(TokenError::Unavailable(self.pending.clone())),
+        }
+    }
+}
+
 /// The `alg` of a JWT header, read without trusting anything else in it.
 fn header_alg(token: &str) -> Result<String, TokenError> {
     if token.len() > 16 * 1024 {
@@ -413,6 +570,72 @@ mod tests {
         claims.exp = now_secs() + 600;
         claims.nbf = now_secs() + 300;
         assert_eq!(v.verify(&sign(&claims), None), Err(TokenError::NotYetValid));
+    }
+
+    #[tokio::test]
+    async fn late_authenticator_is_unavailable_until_set() {
+        let i = issuer();
+        let (token, _) = i.issue(&request(60, &[])).expect("issue");
+        let late = LateAuthenticator::new("authz is starting");
+        assert_eq!(
+            late.authenticate(&token, None).await,
+            Err(TokenError::Unavailable("authz is starting".into()))
+        );
+        late.set(std::sync::Arc::new(i.verifier()));
+        assert!(late.authenticate(&token, None).await.is_ok());
+    }
+
+    #[test]
+    fn expiry_is_read_from_the_payload() {
+        let (token, claims) = issuer().issue(&request(60, &[])).expect("issue");
+        assert_eq!(unverified_expiry(&token), Some(claims.expires_at()));
+        assert_eq!(unverified_expiry("a.b.c"), None);
+        assert_eq!(unverified_expiry(""), None);
+    }
+
+    #[test]
+    fn auth_config_loads_public_keys_and_names_the_table() {
+        use ed25519_dalek::pkcs8::EncodePublicKey as _;
+        let dir = std::env::temp_dir().join(format!("agentgate-identity-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let key = SigningKey::from_bytes(&[3; 32]);
+        let pem = key
+            .verifying_key()
+            .to_public_key_pem(ed25519_dalek::pkcs8::spki::der::pem::LineEnding::LF)
+            .expect("pem");
+        let path = dir.join("authz-public-key.pem");
+        std::fs::write(&path, pem).expect("write");
+        let config = AuthConfig {
+            public_keys: vec![path.clone()],
+            ..Default::default()
+        };
+        let (token, _) = issuer().issue(&request(60, &[])).expect("issue");
+        assert!(
+            config
+                .verifier("x.auth")
+                .expect("verifier")
+                .verify(&token, None)
+                .is_ok()
+        );
+        let empty = AuthConfig::default().verifier("audit_store.auth");
+        assert!(matches!(empty, Err(AuthConfigError::NoKeys { .. })));
+        std::fs::write(&path, "not a key").expect("write");
+        let bad = config
+            .verifier("audit_store.auth")
+            .err()
+            .expect("error")
+            .to_string();
+        assert!(bad.starts_with("audit_store.auth.public_keys: "), "{bad}");
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn bearer_interceptor_sets_the_header() {
+        use tonic::service::Interceptor as _;
+        let mut i = BearerInterceptor::new(" abc\n").expect("interceptor");
+        let req = i.call(tonic::Request::new(())).expect("call");
+        assert_eq!(bearer_token(req.metadata()).expect("bearer"), "abc");
+        assert!(BearerInterceptor::new("a\u{1}b").is_err());
     }
 
     #[test]

@@ -7,10 +7,18 @@
 //! sends whatever the spool still holds; the store is idempotent on (session, sequence), so
 //! a batch sent twice is stored once.
 //!
+//! The store only takes events from a service principal: give the recorder a token with
+//! [`RecorderConfig::with_token_file`], [`RecorderConfig::with_token`] or any
+//! [`TokenSource`]. The source is asked on every connection, so renewed tokens are picked up;
+//! a refused or missing token never loses an event — they wait in the spool, the shipper
+//! warns and retries with backoff.
+//!
 //! ```no_run
 //! # async fn demo() -> Result<(), agentgate_recorder::RecorderError> {
 //! use agentgate_recorder::{Recorder, RecorderConfig, SessionContext};
-//! let recorder = Recorder::open(RecorderConfig::new("http://127.0.0.1:7403", "/var/lib/agentgate/spool.db")).await?;
+//! let config = RecorderConfig::new("http://127.0.0.1:7403", "/var/lib/agentgate/spool.db")
+//!     .with_token_file("/var/lib/agentgate/pg-proxy.recorder.token");
+//! let recorder = Recorder::open(config).await?;
 //! let session = recorder.session(SessionContext { connection: "prod-db".into(), ..Default::default() });
 //! session.record("session.start", None).await?;
 //! # Ok(()) }
@@ -18,6 +26,7 @@
 
 mod shipper;
 mod spool;
+mod token;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -31,6 +40,7 @@ use tokio::sync::Mutex;
 use tonic::transport::{ClientTlsConfig, Endpoint};
 
 pub use spool::Spool;
+pub use token::{FixedToken, TokenFile, TokenSource};
 
 /// Why recording failed. Only a spool failure can fail `record`: the store being away never
 /// does, since that is what the spool is for.
@@ -46,8 +56,8 @@ pub enum RecorderError {
     FlushTimeout(u64),
 }
 
-/// Where to ship and how to batch.
-#[derive(Debug, Clone)]
+/// Where to ship, with which credential, and how to batch.
+#[derive(Clone)]
 pub struct RecorderConfig {
     /// The audit store's gRPC address, e.g. `http://127.0.0.1:7403` (`https://` for TLS).
     pub endpoint: String,
@@ -60,6 +70,23 @@ pub struct RecorderConfig {
     pub in_flight: usize,
     /// Longest wait between reconnect attempts while the store is away.
     pub max_backoff: Duration,
+    /// The bearer token for the store, asked for on every connection. Without one the store
+    /// refuses the stream (UNAUTHENTICATED) and events wait in the spool.
+    pub token: Option<Arc<dyn TokenSource>>,
+}
+
+impl std::fmt::Debug for RecorderConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RecorderConfig")
+            .field("endpoint", &self.endpoint)
+            .field("tls", &self.tls.is_some())
+            .field("spool_path", &self.spool_path)
+            .field("batch_max", &self.batch_max)
+            .field("in_flight", &self.in_flight)
+            .field("max_backoff", &self.max_backoff)
+            .field("token", &self.token.as_ref().map(|_| "<source>"))
+            .finish()
+    }
 }
 
 impl RecorderConfig {
@@ -72,7 +99,24 @@ impl RecorderConfig {
             batch_max: 1000,
             in_flight: 4,
             max_backoff: Duration::from_secs(5),
+            token: None,
         }
+    }
+
+    /// Presents this token on every connection ([`FixedToken`]).
+    pub fn with_token(self, token: impl Into<String>) -> Self {
+        self.with_token_source(Arc::new(FixedToken::new(token)))
+    }
+
+    /// Presents the token in `path`, read again on every connection ([`TokenFile`]).
+    pub fn with_token_file(self, path: impl Into<PathBuf>) -> Self {
+        self.with_token_source(Arc::new(TokenFile::new(path)))
+    }
+
+    /// Presents whatever `source` gives on each connection.
+    pub fn with_token_source(mut self, source: Arc<dyn TokenSource>) -> Self {
+        self.token = Some(source);
+        self
     }
 }
 
@@ -132,6 +176,12 @@ impl Recorder {
     /// Events spooled but not yet acknowledged by the store.
     pub fn backlog(&self) -> u64 {
         self.spool.len()
+    }
+
+    /// Events the store refused as malformed, kept aside in the spool's `spool_rejected`
+    /// table (a refused credential never puts events there: they wait in the spool).
+    pub async fn rejected(&self) -> Result<u64, RecorderError> {
+        self.spool.rejected().await
     }
 
     /// Waits until the store has acknowledged everything spooled so far.

@@ -10,8 +10,10 @@ use agentgate_proto::audit::v1::{AuditEvent, IngestRequest};
 use prost::Message as _;
 use tokio::sync::{Notify, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::Code;
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::Interceptor;
 use tonic::transport::Endpoint;
+use tonic::{Code, Status};
 
 use agentgate_telemetry::TraceContextInterceptor;
 
@@ -44,20 +46,101 @@ pub(crate) fn spawn(spool: Spool, endpoint: Endpoint, config: RecorderConfig) ->
 async fn run(spool: Spool, endpoint: Endpoint, config: RecorderConfig, notify: Arc<Notify>) {
     let first_backoff = Duration::from_millis(100);
     let mut backoff = first_backoff;
+    let mut failures = 0u32;
     loop {
         if spool.is_empty() {
             let _ = tokio::time::timeout(Duration::from_secs(1), notify.notified()).await;
             continue;
         }
         match ship(&spool, &endpoint, &config, &notify).await {
-            Ok(()) => backoff = first_backoff,
-            Err(e) => {
-                tracing::warn!(error = %e, backlog = spool.len(), retry_in = ?backoff, "audit store unreachable; events stay spooled");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(config.max_backoff);
+            Ok(()) => {
+                backoff = first_backoff;
+                failures = 0;
+                continue;
+            }
+            Err(ShipError::Expired) => {
+                // Routine: the store ends a stream when its token runs out. Reconnect at
+                // once with whatever the token source gives now.
+                tracing::info!(
+                    "audit store ended the ingest stream as its token expired; reconnecting with a fresh one"
+                );
+                backoff = first_backoff;
+                failures = 0;
+                continue;
+            }
+            Err(ShipError::Credential(reason)) => {
+                tracing::warn!(
+                    reason = %reason,
+                    backlog = spool.len(),
+                    retry_in = ?backoff,
+                    "the audit store refused the recorder's credential, or there is none; events stay spooled until a valid service token is available"
+                );
+            }
+            Err(ShipError::Other(e)) => {
+                failures += 1;
+                // One failed attempt is routine (the store restarting, or starting a moment
+                // after this process); a second in a row is an outage worth a warning.
+                if failures == 1 {
+                    tracing::info!(error = %e, backlog = spool.len(), retry_in = ?backoff, "audit store not reachable; events stay spooled");
+                } else {
+                    tracing::warn!(error = %e, backlog = spool.len(), retry_in = ?backoff, "audit store unreachable; events stay spooled");
+                }
             }
         }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(config.max_backoff);
     }
+}
+
+/// Why one connection's worth of shipping ended. Whatever was in flight and unacknowledged
+/// is still spooled in every case.
+#[derive(Debug)]
+enum ShipError {
+    /// No token, or the store refused it (UNAUTHENTICATED, PERMISSION_DENIED).
+    Credential(String),
+    /// The store ended an established stream because its token expired.
+    Expired,
+    /// The store is away, the stream broke, or the spool failed.
+    Other(String),
+}
+
+impl From<String> for ShipError {
+    fn from(e: String) -> Self {
+        ShipError::Other(e)
+    }
+}
+
+/// Adds trace context and the connection's bearer token to every call.
+#[derive(Clone)]
+struct Credentials {
+    authorization: Option<MetadataValue<Ascii>>,
+}
+
+impl Interceptor for Credentials {
+    fn call(&mut self, req: tonic::Request<()>) -> Result<tonic::Request<()>, Status> {
+        let mut req = TraceContextInterceptor.call(req)?;
+        if let Some(value) = &self.authorization {
+            req.metadata_mut().insert("authorization", value.clone());
+        }
+        Ok(req)
+    }
+}
+
+/// The credential for the next connection: `None` when no source is configured (the store
+/// will say UNAUTHENTICATED, which is logged as such).
+fn credentials(config: &RecorderConfig) -> Result<Credentials, ShipError> {
+    let Some(source) = &config.token else {
+        return Ok(Credentials {
+            authorization: None,
+        });
+    };
+    let token = source.token().map_err(ShipError::Credential)?;
+    let value = format!("Bearer {}", token.trim())
+        .parse()
+        .map_err(|_| ShipError::Credential("the audit token is not valid header text".into()))?;
+    Ok(Credentials {
+        authorization: Some(value),
+    })
 }
 
 /// One connection's worth of shipping. Returns an error when the stream breaks; whatever was
@@ -67,20 +150,26 @@ async fn ship(
     endpoint: &Endpoint,
     config: &RecorderConfig,
     notify: &Notify,
-) -> Result<(), String> {
+) -> Result<(), ShipError> {
+    let credentials = credentials(config)?;
     let channel = endpoint
         .connect()
         .await
         .map_err(|e| format!("connect: {e}"))?;
     // Trace context rides along, so a proxy's span and the store's span join up.
-    let mut client = AuditStoreClient::with_interceptor(channel, TraceContextInterceptor)
+    let mut client = AuditStoreClient::with_interceptor(channel, credentials)
         .max_encoding_message_size(64 << 20)
         .max_decoding_message_size(64 << 20);
     let (requests, rx) = mpsc::channel(config.in_flight.max(1));
     let mut acks = client
         .ingest(ReceiverStream::new(rx))
         .await
-        .map_err(|s| format!("ingest: {}", s.message()))?
+        .map_err(|s| match s.code() {
+            Code::Unauthenticated | Code::PermissionDenied => {
+                ShipError::Credential(format!("{:?}: {}", s.code(), s.message()))
+            }
+            _ => ShipError::Other(format!("ingest: {}", s.message())),
+        })?
         .into_inner();
 
     // (first spool id, last spool id) of each batch sent and not yet acknowledged.
@@ -122,17 +211,17 @@ async fn ship(
             ack = acks.message() => match ack {
                 Ok(Some(ack)) => {
                     let Some((_, last)) = in_flight.pop_front() else {
-                        return Err(format!("acknowledgement of batch {} that was not sent", ack.batch_id));
+                        return Err(format!("acknowledgement of batch {} that was not sent", ack.batch_id).into());
                     };
                     if ack.batch_id != last as u64 {
-                        return Err(format!("acknowledgement of batch {}, expected {last}", ack.batch_id));
+                        return Err(format!("acknowledgement of batch {}, expected {last}", ack.batch_id).into());
                     }
                     spool.acknowledge_through(last).await.map_err(|e| e.to_string())?;
                     for gap in &ack.gaps {
                         tracing::warn!(session = %gap.session_id, from = gap.from, to = gap.to, "audit store reports missing events");
                     }
                 }
-                Ok(None) => return Err("the audit store ended the ingest stream".into()),
+                Ok(None) => return Err(ShipError::Other("the audit store ended the ingest stream".into())),
                 Err(status) if status.code() == Code::InvalidArgument => {
                     // The store acknowledges earlier batches before refusing one, so the
                     // refused batch is the oldest in flight. Keep it aside; resend the rest.
@@ -142,7 +231,12 @@ async fn ship(
                     }
                     return Ok(());
                 }
-                Err(status) => return Err(format!("{:?}: {}", status.code(), status.message())),
+                // Only sent on a stream that was accepted: its token ran out.
+                Err(status) if status.code() == Code::Unauthenticated => return Err(ShipError::Expired),
+                Err(status) if status.code() == Code::PermissionDenied => {
+                    return Err(ShipError::Credential(format!("{:?}: {}", status.code(), status.message())));
+                }
+                Err(status) => return Err(format!("{:?}: {}", status.code(), status.message()).into()),
             },
             _ = notify.notified(), if in_flight.len() < config.in_flight.max(1) => {}
         }

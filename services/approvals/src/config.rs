@@ -201,24 +201,8 @@ impl WebhookConfig {
 }
 
 /// Tokens the standalone `agentgate-approvals` binary accepts: agentgate's own, signed by
-/// authz with one of these Ed25519 keys.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct AuthConfig {
-    /// The `iss` claim agentgate tokens carry.
-    pub issuer: String,
-    /// authz's public keys (PEM `PUBLIC KEY` files); several during a key rotation.
-    pub public_keys: Vec<PathBuf>,
-}
-
-impl Default for AuthConfig {
-    fn default() -> Self {
-        AuthConfig {
-            issuer: "agentgate".into(),
-            public_keys: Vec::new(),
-        }
-    }
-}
+/// authz with one of these Ed25519 keys (shared with the audit store's `[audit_store.auth]`).
+pub use agentgate_identity::AuthConfig;
 
 /// The audit store this service records state changes to.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -230,6 +214,11 @@ pub struct AuditConfig {
     pub spool_path: Option<PathBuf>,
     /// Client TLS towards the store (`ca`, and `cert` + `key` for mutual TLS).
     pub tls: TlsConfig,
+    /// A file holding the service token the recorder presents to the store (kind service),
+    /// read again on every connection so a renewed token is picked up — e.g. the file authz
+    /// keeps for `authz.recorder_tokens = ["approvals"]`, `DATA_DIR/approvals.recorder.token`.
+    /// `agentgate up` hands approvals a token from authz instead.
+    pub token_file: Option<PathBuf>,
 }
 
 impl Default for AuditConfig {
@@ -238,6 +227,7 @@ impl Default for AuditConfig {
             endpoint: "http://127.0.0.1:7403".into(),
             spool_path: None,
             tls: TlsConfig::default(),
+            token_file: None,
         }
     }
 }

@@ -14,8 +14,9 @@
 //!
 //! ```no_run
 //! # async fn demo(authz: std::sync::Arc<dyn agentgate_identity::Authenticator>) -> anyhow::Result<()> {
-//! let config = agentgate_approvals::ApprovalsConfig::default();
-//! let running = agentgate_approvals::start(&config, "/var/lib/agentgate".as_ref(), authz, None).await?;
+//! let mut config = agentgate_approvals::ApprovalsConfig::default();
+//! config.audit.token_file = Some("/var/lib/agentgate/approvals.recorder.token".into());
+//! let running = agentgate_approvals::start(&config, "/var/lib/agentgate".as_ref(), authz, None, None).await?;
 //! println!("approvals on {}", running.addr);
 //! running.shutdown().await?;
 //! # Ok(()) }
@@ -35,8 +36,9 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use agentgate_identity::{Authenticator, TokenVerifier};
+use agentgate_identity::Authenticator;
 use agentgate_proto::approvals::v1::approvals_server::ApprovalsServer;
+use agentgate_recorder::TokenSource;
 use anyhow::Context as _;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
@@ -109,11 +111,14 @@ impl RunningApprovals {
 /// Opens the database, starts the change listener, the audit recorder, the webhook workers
 /// and the expiry sweeper, binds the listener and serves. `authenticator` turns each caller's
 /// bearer token into a principal: authz's in `agentgate up`, or [`authenticator_from_config`]
-/// for the standalone binary. Every error names what failed and where.
+/// for the standalone binary. `audit_token` gives the service token the recorder presents
+/// to the audit store (from authz in `agentgate up`); when `None`, `audit.token_file` is
+/// read instead. Every error names what failed and where.
 pub async fn start(
     config: &ApprovalsConfig,
     data_dir: &Path,
     authenticator: Arc<dyn Authenticator>,
+    audit_token: Option<Arc<dyn TokenSource>>,
     metrics: Option<&agentgate_telemetry::Metrics>,
 ) -> anyhow::Result<RunningApprovals> {
     config.validate().map_err(anyhow::Error::msg)?;
@@ -140,6 +145,13 @@ pub async fn start(
             .unwrap_or_default();
         recorder_config.tls = agentgate_tls::grpc_client_tls(&config.audit.tls, &host)
             .context("approvals: audit store TLS")?;
+    }
+    match (audit_token, &config.audit.token_file) {
+        (Some(source), _) => recorder_config = recorder_config.with_token_source(source),
+        (None, Some(path)) => recorder_config = recorder_config.with_token_file(path),
+        (None, None) => tracing::warn!(
+            "approvals.audit.token_file is not set: the audit store will refuse this service's events, which wait in the spool until a service token is configured"
+        ),
     }
     let recorder = agentgate_recorder::Recorder::open(recorder_config)
         .await
@@ -251,25 +263,7 @@ fn register_metrics(
 /// the standalone binary. `agentgate up` passes authz's own authenticator instead, which also
 /// knows revocations.
 pub fn authenticator_from_config(auth: &AuthConfig) -> anyhow::Result<Arc<dyn Authenticator>> {
-    use ed25519_dalek::pkcs8::DecodePublicKey as _;
-    if auth.public_keys.is_empty() {
-        anyhow::bail!(
-            "approvals.auth.public_keys is empty: name authz's public key file(s) so tokens can be verified"
-        );
-    }
-    let mut verifier = TokenVerifier::new(auth.issuer.clone());
-    for path in &auth.public_keys {
-        let pem = std::fs::read_to_string(path)
-            .with_context(|| format!("approvals.auth.public_keys: reading {}", path.display()))?;
-        let key = ed25519_dalek::VerifyingKey::from_public_key_pem(&pem).map_err(|e| {
-            anyhow::anyhow!(
-                "approvals.auth.public_keys: {} is not an Ed25519 PUBLIC KEY PEM: {e}",
-                path.display()
-            )
-        })?;
-        verifier.add_key(&key);
-    }
-    Ok(Arc::new(verifier))
+    Ok(Arc::new(auth.verifier("approvals.auth")?))
 }
 
 /// A database URL without its password, for messages.

@@ -2,7 +2,8 @@
 //!
 //! `agentgate-approvals [--config FILE]`; every value can also be set by environment
 //! variable (`AGENTGATE_APPROVALS__DATABASE_URL`, ...). Tokens are verified with the public
-//! keys named in `[approvals.auth]`. See docs/approvals.md.
+//! keys named in `[approvals.auth]`; state changes are recorded to the audit store with the
+//! service token in `approvals.audit.token_file`. See docs/approvals.md.
 
 use std::path::PathBuf;
 
@@ -41,9 +42,14 @@ async fn run() -> anyhow::Result<()> {
         .unwrap_or_else(|| PathBuf::from("/var/lib/agentgate"));
     let authenticator = agentgate_approvals::authenticator_from_config(&config.approvals.auth)?;
     let metrics = agentgate_telemetry::Metrics::new("approvals");
-    let mut running =
-        agentgate_approvals::start(&config.approvals, &data_dir, authenticator, Some(&metrics))
-            .await?;
+    let mut running = agentgate_approvals::start(
+        &config.approvals,
+        &data_dir,
+        authenticator,
+        None,
+        Some(&metrics),
+    )
+    .await?;
     if let Some(addr) = config.telemetry.metrics_address {
         agentgate_telemetry::serve_metrics(addr, metrics, shutdown_signal())
             .await

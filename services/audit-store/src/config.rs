@@ -4,6 +4,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use agentgate_identity::AuthConfig;
 use agentgate_tls::TlsConfig;
 use serde::{Deserialize, Serialize};
 
@@ -30,6 +31,9 @@ pub struct AuditStoreConfig {
     pub max_batch_events: usize,
     /// Server certificate; with `ca` set, clients must present certificates (mutual TLS).
     pub tls: TlsConfig,
+    /// Which tokens the standalone binary trusts: authz's public key files. `agentgate up`
+    /// passes authz's own authenticator instead, which also knows revocations.
+    pub auth: AuthConfig,
 }
 
 impl Default for AuditStoreConfig {
@@ -43,6 +47,7 @@ impl Default for AuditStoreConfig {
             retention: None,
             max_batch_events: 5000,
             tls: TlsConfig::default(),
+            auth: AuthConfig::default(),
         }
     }
 }

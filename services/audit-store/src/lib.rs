@@ -4,10 +4,23 @@
 //! Proxies and control-plane services stream events to it over gRPC (through the
 //! `agentgate-recorder` lib). Every event is chained — its hash covers the previous one —
 //! and the chain head is signed with Ed25519 every N events or T seconds, so an auditor can
-//! verify offline that nothing was altered, inserted or removed. See docs/audit-store.md.
+//! verify offline that nothing was altered, inserted or removed. See docs/architecture.md.
 //!
-//! The crate is a library with a thin `main`, so `agentgate up` can run it in-process.
+//! Every call needs a bearer token: recorders ingest with a service token, auditors and
+//! admins read, admins prune (see [`access`]).
+//!
+//! The crate is a library with a thin `main`, so `agentgate up` can run it in-process:
+//!
+//! ```no_run
+//! # async fn demo(authz: std::sync::Arc<dyn agentgate_identity::Authenticator>) -> anyhow::Result<()> {
+//! let config = agentgate_audit_store::AuditStoreConfig::default();
+//! let running = agentgate_audit_store::start(&config, "/var/lib/agentgate".as_ref(), authz, None).await?;
+//! println!("audit store on {}", running.addr);
+//! running.shutdown().await?;
+//! # Ok(()) }
+//! ```
 
+pub mod access;
 pub mod config;
 mod evidence;
 pub mod metrics;
@@ -20,6 +33,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use agentgate_audit_chain::{SigningKeyFile, VerifyingKey};
+use agentgate_identity::{AuthConfig, Authenticator};
 use agentgate_proto::audit::v1::audit_store_server::AuditStoreServer;
 use anyhow::Context as _;
 use tokio::net::TcpListener;
@@ -72,10 +86,14 @@ impl RunningAuditStore {
 }
 
 /// Opens the database, loads or creates the signing key, binds the listener and serves.
-/// Every error names what failed and where (database URL, key path, listen address).
+/// `authenticator` turns each caller's bearer token into a principal: authz's in
+/// `agentgate up` (it also knows revocations), or [`authenticator_from_config`] for the
+/// standalone binary. Every error names what failed and where (database URL, key path,
+/// listen address).
 pub async fn start(
     config: &AuditStoreConfig,
     data_dir: &Path,
+    authenticator: Arc<dyn Authenticator>,
     metrics: Option<&agentgate_telemetry::Metrics>,
 ) -> anyhow::Result<RunningAuditStore> {
     let url = config.database_url(data_dir);
@@ -114,6 +132,7 @@ pub async fn start(
         public_key: Arc::new(public_key),
         max_batch_events: config.max_batch_events,
         metrics: store_metrics,
+        auth: authenticator,
     };
     if let Some(retention) = config.retention {
         tokio::spawn(retention_loop(store.clone(), retention));
@@ -151,6 +170,13 @@ pub async fn start(
         shutdown: Some(shutdown_tx),
         task,
     })
+}
+
+/// A token verifier trusting authz's public keys from `auth` (PEM `PUBLIC KEY` files), for
+/// the standalone binary. `agentgate up` passes authz's own authenticator instead, which also
+/// knows revocations.
+pub fn authenticator_from_config(auth: &AuthConfig) -> anyhow::Result<Arc<dyn Authenticator>> {
+    Ok(Arc::new(auth.verifier("audit_store.auth")?))
 }
 
 /// Prunes what is older than `retention`, every tenth of it (at most hourly).

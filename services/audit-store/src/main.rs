@@ -1,7 +1,8 @@
 //! The audit store as its own process, for docker-compose and Kubernetes.
 //!
 //! `agentgate-audit-store [--config FILE]`; every value can also be set by environment
-//! variable (`AGENTGATE_AUDIT_STORE__DATABASE_URL`, ...). See docs/operations.md.
+//! variable (`AGENTGATE_AUDIT_STORE__DATABASE_URL`, ...). Callers' tokens are verified with
+//! authz's public keys, named in `[audit_store.auth]`. See docs/operations.md.
 
 use std::path::PathBuf;
 
@@ -38,9 +39,15 @@ async fn run() -> anyhow::Result<()> {
     let data_dir = config
         .data_dir
         .unwrap_or_else(|| PathBuf::from("/var/lib/agentgate"));
+    let authenticator = agentgate_audit_store::authenticator_from_config(&config.audit_store.auth)?;
     let metrics = agentgate_telemetry::Metrics::new("audit-store");
-    let mut running =
-        agentgate_audit_store::start(&config.audit_store, &data_dir, Some(&metrics)).await?;
+    let mut running = agentgate_audit_store::start(
+        &config.audit_store,
+        &data_dir,
+        authenticator,
+        Some(&metrics),
+    )
+    .await?;
     if let Some(addr) = config.telemetry.metrics_address {
         agentgate_telemetry::serve_metrics(addr, metrics, shutdown_signal())
             .await

@@ -15,6 +15,8 @@ pub struct StoreMetrics {
     pub events_duplicate: Counter,
     pub batches_rejected: Counter,
     pub append_failures: Counter,
+    /// Calls refused for their credential (UNAUTHENTICATED) or permission (PERMISSION_DENIED).
+    pub calls_refused: Counter,
     pub commit_seconds: Histogram,
 }
 
@@ -25,6 +27,7 @@ impl Default for StoreMetrics {
             events_duplicate: Counter::default(),
             batches_rejected: Counter::default(),
             append_failures: Counter::default(),
+            calls_refused: Counter::default(),
             commit_seconds: Histogram::new(exponential_buckets(0.0005, 2.0, 14)),
         }
     }
@@ -53,6 +56,11 @@ impl StoreMetrics {
             "append_failures",
             "Group commits that failed",
             self.append_failures.clone(),
+        );
+        r.register(
+            "calls_refused",
+            "Calls refused for a missing or invalid credential or a missing permission",
+            self.calls_refused.clone(),
         );
         r.register(
             "commit_seconds",

@@ -4,6 +4,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use agentgate_audit_chain::VerifyingKey;
+use agentgate_identity::{Authenticator, TokenError, bearer_token, unverified_expiry};
 use agentgate_proto::audit::v1::audit_store_server::AuditStore as AuditStoreApi;
 use agentgate_proto::audit::v1::{
     AuditEvent, CheckpointRequest, ExportChunk, ExportRequest, GetSessionEventsRequest,
@@ -11,13 +12,14 @@ use agentgate_proto::audit::v1::{
     PruneRequest, PruneResponse, ReplaySessionRequest, SequenceGap, SessionSummary,
     SignedCheckpoint, StoredEvent, VerifyRequest, VerifyResponse,
 };
-use agentgate_proto::common::v1::Protocol;
+use agentgate_proto::common::v1::{Principal, Protocol};
 use futures::stream::{FuturesOrdered, StreamExt as _};
 use prost::Message as _;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::access::{self, AUDIENCE, Need};
 use crate::evidence::{self, WalkError};
 use crate::metrics::StoreMetrics;
 use crate::store::{Gap, NewEvent, SessionFilter, Store, StoreError, StoredRow};
@@ -41,6 +43,8 @@ pub struct AuditStoreService {
     pub(crate) public_key: Arc<VerifyingKey>,
     pub(crate) max_batch_events: usize,
     pub(crate) metrics: StoreMetrics,
+    /// Turns each caller's bearer token into a principal (see [`crate::access`]).
+    pub(crate) auth: Arc<dyn Authenticator>,
 }
 
 fn db_status(e: StoreError) -> Status {
@@ -171,12 +175,38 @@ impl AuditStoreApi for AuditStoreService {
         &self,
         request: Request<Streaming<IngestRequest>>,
     ) -> Result<Response<Self::IngestStream>, Status> {
+        let principal = self.authorize(&request, "Ingest", Need::Ingest).await?;
+        // A stream lives as long as the recorder's process: it must not outlive its token.
+        // (The clock-skew leeway of verification does not extend a stream: a token already
+        // past its expiry opens none.)
+        let expires = match bearer_token(request.metadata())
+            .ok()
+            .and_then(unverified_expiry)
+        {
+            Some(at) => match at.duration_since(std::time::SystemTime::now()) {
+                Ok(left) if !left.is_zero() => Some(tokio::time::Instant::now() + left),
+                _ => {
+                    self.metrics.calls_refused.inc();
+                    return Err(Status::unauthenticated("token refused: token expired"));
+                }
+            },
+            None => None,
+        };
+        tracing::debug!(subject = %principal.subject, "ingest stream opened");
         let mut inbound = request.into_inner();
         let (acks, rx) = mpsc::channel(MAX_IN_FLIGHT * 2);
         let this = self.clone();
         tokio::spawn(async move {
             let mut in_flight = FuturesOrdered::new();
             let mut reading = true;
+            let mut expired = false;
+            let expiry = async {
+                match expires {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::pin!(expiry);
             loop {
                 tokio::select! {
                     msg = inbound.message(), if reading && in_flight.len() < MAX_IN_FLIGHT => {
@@ -203,8 +233,22 @@ impl AuditStoreApi for AuditStoreService {
                     Some(ack) = in_flight.next(), if !in_flight.is_empty() => {
                         if acks.send(ack).await.is_err() { return; }
                     }
-                    else => return,
+                    // The token ran out: take no more batches, acknowledge those taken, then
+                    // end the stream so the recorder reconnects with a fresh token.
+                    _ = &mut expiry, if reading => {
+                        reading = false;
+                        expired = true;
+                    }
+                    else => break,
                 }
+            }
+            if expired {
+                tracing::debug!(subject = %principal.subject, "ingest stream ended: its token expired");
+                let _ = acks
+                    .send(Err(Status::unauthenticated(
+                        "the stream's token expired: reconnect with a fresh token",
+                    )))
+                    .await;
             }
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
@@ -214,6 +258,7 @@ impl AuditStoreApi for AuditStoreService {
         &self,
         request: Request<ListSessionsRequest>,
     ) -> Result<Response<ListSessionsResponse>, Status> {
+        self.authorize(&request, "ListSessions", Need::Read).await?;
         let r = request.into_inner();
         let nonempty = |s: String| (!s.is_empty()).then_some(s);
         let filter = SessionFilter {
@@ -267,6 +312,8 @@ impl AuditStoreApi for AuditStoreService {
         &self,
         request: Request<GetSessionEventsRequest>,
     ) -> Result<Response<GetSessionEventsResponse>, Status> {
+        self.authorize(&request, "GetSessionEvents", Need::Read)
+            .await?;
         let id = request.into_inner().session_id;
         session_id_arg(&id)?;
         let rows = self
@@ -291,6 +338,8 @@ impl AuditStoreApi for AuditStoreService {
         &self,
         request: Request<ReplaySessionRequest>,
     ) -> Result<Response<Self::ReplaySessionStream>, Status> {
+        self.authorize(&request, "ReplaySession", Need::Read)
+            .await?;
         let id = request.into_inner().session_id;
         session_id_arg(&id)?;
         let first = self
@@ -326,7 +375,11 @@ impl AuditStoreApi for AuditStoreService {
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
-    async fn verify(&self, _: Request<VerifyRequest>) -> Result<Response<VerifyResponse>, Status> {
+    async fn verify(
+        &self,
+        request: Request<VerifyRequest>,
+    ) -> Result<Response<VerifyResponse>, Status> {
+        self.authorize(&request, "Verify", Need::Read).await?;
         let response = match evidence::verify(&self.store, &self.public_key).await {
             Ok(report) => VerifyResponse {
                 ok: true,
@@ -350,8 +403,9 @@ impl AuditStoreApi for AuditStoreService {
 
     async fn checkpoint(
         &self,
-        _: Request<CheckpointRequest>,
+        request: Request<CheckpointRequest>,
     ) -> Result<Response<SignedCheckpoint>, Status> {
+        self.authorize(&request, "Checkpoint", Need::Read).await?;
         self.writer.checkpoint().await?;
         let cp = self
             .store
@@ -375,6 +429,8 @@ impl AuditStoreApi for AuditStoreService {
         &self,
         request: Request<ExportRequest>,
     ) -> Result<Response<Self::ExportStream>, Status> {
+        let principal = self.authorize(&request, "Export", Need::Read).await?;
+        tracing::info!(subject = %principal.subject, "evidence export");
         let r = request.into_inner();
         let from = r
             .time
@@ -412,6 +468,7 @@ impl AuditStoreApi for AuditStoreService {
         &self,
         request: Request<PruneRequest>,
     ) -> Result<Response<PruneResponse>, Status> {
+        let principal = self.authorize(&request, "Prune", Need::Prune).await?;
         let before = request
             .into_inner()
             .before
@@ -419,6 +476,7 @@ impl AuditStoreApi for AuditStoreService {
         let (events_removed, anchored_at) = evidence::prune(&self.store, timestamp_us(&before))
             .await
             .map_err(walk_status)?;
+        tracing::info!(subject = %principal.subject, events_removed, anchored_at, "pruned on request");
         Ok(Response::new(PruneResponse {
             events_removed,
             anchored_at,
@@ -427,6 +485,39 @@ impl AuditStoreApi for AuditStoreService {
 }
 
 impl AuditStoreService {
+    /// The verified caller of `call`, if it may make it: UNAUTHENTICATED without a token or
+    /// with one that does not verify, PERMISSION_DENIED naming what the call needs.
+    async fn authorize<T>(
+        &self,
+        request: &Request<T>,
+        call: &str,
+        need: Need,
+    ) -> Result<Principal, Status> {
+        let refused = |status: Status| {
+            self.metrics.calls_refused.inc();
+            tracing::info!(call, code = ?status.code(), reason = status.message(),
+                peer = ?request.remote_addr(), "audit store call refused");
+            status
+        };
+        let token = bearer_token(request.metadata()).map_err(refused)?;
+        let principal = match self.auth.authenticate(token, Some(AUDIENCE)).await {
+            Ok(p) => p,
+            // Not a refusal: tokens cannot be checked yet (authz starting); clients retry.
+            Err(TokenError::Unavailable(why)) => {
+                return Err(Status::unavailable(format!(
+                    "cannot check credentials yet: {why}"
+                )));
+            }
+            Err(e) => {
+                return Err(refused(Status::unauthenticated(format!(
+                    "token refused: {e}"
+                ))));
+            }
+        };
+        access::check(&principal, call, need).map_err(refused)?;
+        Ok(principal)
+    }
+
     /// Validates a whole batch (all or nothing) and hands it to the writer.
     async fn accept(
         &self,

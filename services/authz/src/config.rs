@@ -40,13 +40,36 @@ pub struct AuthzConfig {
     pub bootstrap_admin_ttl: Duration,
     /// The approvals service, for just-in-time access requests.
     pub approvals_url: Option<String>,
-    /// The audit store authz records its decisions to.
+    /// The audit store authz records its decisions to (with a service token it signs itself).
     pub audit_url: Option<String>,
+    /// Lifetime of the service tokens authz signs for audit recorders: its own, those of
+    /// services in the same process (`agentgate up`), and the `recorder_tokens` files. Each
+    /// is renewed at half its lifetime; the store ends a stream when its token expires.
+    #[serde(with = "humantime_serde")]
+    pub recorder_token_ttl: Duration,
+    /// Services beside authz, sharing its data directory, that record to the audit store
+    /// (e.g. a standalone approvals): for each name authz keeps a token for
+    /// `service:<name>` (kind service, audience `audit-store`) in
+    /// `DATA_DIR/<name>.recorder.token` (mode 0600), renewed at half its lifetime. Point the
+    /// service's token file at it (`approvals.audit.token_file`).
+    pub recorder_tokens: Vec<String>,
     pub tls: TlsConfig,
     /// The connection catalog.
     pub connections: Vec<ConnectionConfig>,
     /// External issuers whose workload tokens may be exchanged (OIDC / JWKS).
     pub oidc_issuers: Vec<OidcIssuerConfig>,
+    /// agentgate's SSH user CA key (OpenSSH format), generated when absent; default
+    /// `ssh-user-ca` in the data directory. ssh-proxy accepts the certificates it signs.
+    pub ssh_ca_key: Option<PathBuf>,
+    /// Longest lifetime of an SSH certificate (`agentgate ssh cert`); a certificate never
+    /// outlives the token it was signed for either.
+    #[serde(with = "humantime_serde")]
+    pub max_ssh_cert_ttl: Duration,
+    /// SSH public keys registered to principals (ssh-proxy logins without a token).
+    pub ssh_keys: Vec<SshKeyConfig>,
+    /// How long a session opened with a registered SSH key may last.
+    #[serde(with = "humantime_serde")]
+    pub ssh_key_session_ttl: Duration,
 }
 
 impl Default for AuthzConfig {
@@ -64,9 +87,15 @@ impl Default for AuthzConfig {
             bootstrap_admin_ttl: Duration::from_secs(12 * 3600),
             approvals_url: None,
             audit_url: None,
+            recorder_token_ttl: Duration::from_secs(15 * 60),
+            recorder_tokens: Vec::new(),
             tls: TlsConfig::default(),
             connections: Vec::new(),
             oidc_issuers: Vec::new(),
+            ssh_ca_key: None,
+            max_ssh_cert_ttl: Duration::from_secs(3600),
+            ssh_keys: Vec::new(),
+            ssh_key_session_ttl: Duration::from_secs(3600),
         }
     }
 }
@@ -82,6 +111,12 @@ impl AuthzConfig {
         self.signing_key
             .clone()
             .unwrap_or_else(|| data_dir.join("authz-signing-key.pem"))
+    }
+
+    pub fn ssh_ca_key_path(&self, data_dir: &Path) -> PathBuf {
+        self.ssh_ca_key
+            .clone()
+            .unwrap_or_else(|| data_dir.join("ssh-user-ca"))
     }
 
     pub fn policy_path(&self, data_dir: &Path) -> PathBuf {
@@ -115,6 +150,21 @@ pub struct UpstreamConfig {
     /// `env:NAME` or `file:PATH`.
     #[serde(default)]
     pub secret: Option<String>,
+}
+
+/// An SSH public key registered to a principal.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SshKeyConfig {
+    /// OpenSSH format: `ssh-ed25519 AAAA... comment`.
+    pub public_key: String,
+    /// The principal's subject, e.g. `agent:deploy-bot`.
+    pub subject: String,
+    #[serde(default)]
+    pub groups: Vec<String>,
+    /// agent | human | service
+    #[serde(default = "default_kind")]
+    pub kind: String,
 }
 
 /// An external token issuer and how its claims map to an agentgate principal.

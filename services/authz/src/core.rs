@@ -76,7 +76,7 @@ enum Deadline {
 /// The state every authz call shares.
 pub struct Core {
     pub store: Store,
-    pub issuer: TokenIssuer,
+    pub issuer: Arc<TokenIssuer>,
     verifier: TokenVerifier,
     oidc: Vec<OidcIssuer>,
     pub policy: Arc<PolicyStore>,
@@ -96,7 +96,7 @@ impl Core {
     #[allow(clippy::too_many_arguments)]
     pub async fn new(
         store: Store,
-        issuer: TokenIssuer,
+        issuer: Arc<TokenIssuer>,
         oidc: Vec<OidcIssuer>,
         policy: Arc<PolicyStore>,
         connections: Vec<ConnectionConfig>,
@@ -238,6 +238,12 @@ impl Core {
         self.record(kind, result.as_ref().ok(), source, detail)
             .await;
         result.map_err(|e| Refusal::Unauthenticated(format!("workload token refused: {e}")))
+    }
+
+    /// Whether a token id was revoked (SSH certificates carry the id of the token they were
+    /// signed for).
+    pub fn is_token_revoked(&self, jti: &str) -> bool {
+        self.revoked.read().map(|r| r.contains(jti)).unwrap_or(true)
     }
 
     fn check_revoked(&self, claims: &Claims) -> Result<(), TokenError> {

@@ -10,7 +10,9 @@ pub mod client;
 pub mod config;
 mod core;
 mod oidc;
+pub mod recorder_tokens;
 mod service;
+pub mod ssh;
 mod store;
 
 use std::net::SocketAddr;
@@ -26,8 +28,9 @@ use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
-pub use config::{AuthzConfig, ConnectionConfig, OidcIssuerConfig, UpstreamConfig};
+pub use config::{AuthzConfig, ConnectionConfig, OidcIssuerConfig, SshKeyConfig, UpstreamConfig};
 pub use core::Core;
+pub use recorder_tokens::{ServiceTokens, recorder_token_path};
 
 /// The file authz writes its token-verification public key to (SPKI PEM), for services that
 /// verify tokens themselves, such as a standalone approvals (`approvals.auth.public_keys`).
@@ -45,8 +48,11 @@ pub struct RunningAuthz {
     pub core: Arc<Core>,
     /// Where the bootstrap admin token is.
     pub admin_token_path: PathBuf,
+    recorder_token_ttl: Duration,
     shutdown: Option<oneshot::Sender<()>>,
     task: JoinHandle<Result<(), tonic::transport::Error>>,
+    /// Renews the `recorder_tokens` files.
+    token_files: Option<JoinHandle<()>>,
 }
 
 impl RunningAuthz {
@@ -68,9 +74,22 @@ impl RunningAuthz {
         Ok(token)
     }
 
+    /// A renewing recorder token for another agentgate service in this process (subject
+    /// `service:<service>`, audience `audit-store`), for its `RecorderConfig`.
+    pub fn recorder_token_source(&self, service: &str) -> Arc<dyn agentgate_recorder::TokenSource> {
+        Arc::new(ServiceTokens::new(
+            self.core.issuer.clone(),
+            service,
+            self.recorder_token_ttl,
+        ))
+    }
+
     pub async fn shutdown(mut self) -> anyhow::Result<()> {
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
+        }
+        if let Some(t) = self.token_files.take() {
+            t.abort();
         }
         match tokio::time::timeout(SHUTDOWN_GRACE, &mut self.task).await {
             Ok(joined) => joined.context("authz task")??,
@@ -111,7 +130,7 @@ pub async fn start(config: &AuthzConfig, data_dir: &Path) -> anyhow::Result<Runn
     let key = agentgate_audit_chain::SigningKeyFile::load_or_generate(
         &config.signing_key_path(data_dir),
     )?;
-    let issuer = TokenIssuer::new(&key, config.issuer.clone())?;
+    let issuer = Arc::new(TokenIssuer::new(&key, config.issuer.clone())?);
     // The public half, for services that verify agentgate tokens on their own (approvals).
     let public_pem = {
         use ed25519_dalek::pkcs8::EncodePublicKey as _;
@@ -145,12 +164,20 @@ pub async fn start(config: &AuthzConfig, data_dir: &Path) -> anyhow::Result<Runn
             );
         }
     }
+    for name in &config.recorder_tokens {
+        recorder_tokens::check_service_name(name).map_err(anyhow::Error::msg)?;
+    }
     let recorder = match &config.audit_url {
         Some(url) => {
-            let r = agentgate_recorder::Recorder::open(agentgate_recorder::RecorderConfig::new(
-                url.clone(),
-                data_dir.join("authz-spool.db"),
-            ))
+            // The store takes events from service principals only: authz signs its own.
+            let tokens = ServiceTokens::new(issuer.clone(), "authz", config.recorder_token_ttl);
+            let r = agentgate_recorder::Recorder::open(
+                agentgate_recorder::RecorderConfig::new(
+                    url.clone(),
+                    data_dir.join("authz-spool.db"),
+                )
+                .with_token_source(Arc::new(tokens)),
+            )
             .await?;
             Some(r.session(agentgate_recorder::SessionContext {
                 principal: Some(Principal {
@@ -167,7 +194,7 @@ pub async fn start(config: &AuthzConfig, data_dir: &Path) -> anyhow::Result<Runn
     };
     let core = Core::new(
         store,
-        issuer,
+        issuer.clone(),
         oidc,
         policy.clone(),
         config.connections.clone(),
@@ -195,6 +222,19 @@ pub async fn start(config: &AuthzConfig, data_dir: &Path) -> anyhow::Result<Runn
 
     let admin_token_path = data_dir.join(ADMIN_TOKEN_FILE);
     bootstrap_admin(&core, &admin_token_path, config.bootstrap_admin_ttl).await?;
+    let token_files = recorder_tokens::keep_files_fresh(
+        config
+            .recorder_tokens
+            .iter()
+            .map(|name| {
+                (
+                    ServiceTokens::new(issuer.clone(), name, config.recorder_token_ttl),
+                    recorder_token_path(data_dir, name),
+                )
+            })
+            .collect(),
+    )
+    .context("authz.recorder_tokens: writing the token files")?;
 
     let access = Arc::new(access::AccessRequests::new(
         config.approvals_url.as_deref(),
@@ -203,9 +243,11 @@ pub async fn start(config: &AuthzConfig, data_dir: &Path) -> anyhow::Result<Runn
         .resume(&core)
         .await
         .map_err(|e| anyhow::anyhow!("authz: {e}"))?;
+    let ssh = Arc::new(ssh::SshIdentities::load(config, data_dir).context("authz: SSH CA")?);
     let service = service::AuthzService {
         core: core.clone(),
         access,
+        ssh,
     };
     let listener = TcpListener::bind(config.listen)
         .await
@@ -232,8 +274,10 @@ pub async fn start(config: &AuthzConfig, data_dir: &Path) -> anyhow::Result<Runn
         addr,
         core,
         admin_token_path,
+        recorder_token_ttl: config.recorder_token_ttl,
         shutdown: Some(shutdown_tx),
         task,
+        token_files,
     })
 }
 

@@ -24,6 +24,7 @@ type BoxStream<T> = Pin<Box<dyn futures::Stream<Item = Result<T, Status>> + Send
 pub struct AuthzService {
     pub(crate) core: Arc<Core>,
     pub(crate) access: Arc<AccessRequests>,
+    pub(crate) ssh: Arc<crate::ssh::SshIdentities>,
 }
 
 fn peer<T>(request: &Request<T>) -> String {
@@ -71,10 +72,11 @@ impl AuthzService {
     ) -> Result<(Principal, i64), Status> {
         let token = match credential.and_then(|c| c.kind) {
             Some(CredentialKind::BearerToken(t)) | Some(CredentialKind::Password(t)) => t,
-            Some(CredentialKind::SshPublicKey(_)) | Some(CredentialKind::SshCertificate(_)) => {
-                return Err(Status::unimplemented(
-                    "SSH key credentials are verified by the ssh-proxy's CA, not yet by authz",
-                ));
+            Some(CredentialKind::SshPublicKey(key)) => {
+                return self.ssh_credential(false, &key, source).await;
+            }
+            Some(CredentialKind::SshCertificate(cert)) => {
+                return self.ssh_credential(true, &cert, source).await;
             }
             None => return Err(Status::unauthenticated("no credential presented")),
         };
@@ -85,8 +87,113 @@ impl AuthzService {
     }
 }
 
+impl AuthzService {
+    /// Verifies an SSH certificate or registered key (ssh-proxy checked that the agent holds
+    /// the private key) and records the outcome.
+    async fn ssh_credential(
+        &self,
+        certificate: bool,
+        text: &str,
+        source: &str,
+    ) -> Result<(Principal, i64), Status> {
+        let now = now_us();
+        let result = if certificate {
+            self.ssh
+                .verify_certificate(text, u64::try_from(now / 1_000_000).unwrap_or(0))
+                .and_then(|p| {
+                    if !p.principal.token_id.is_empty()
+                        && self.core.is_token_revoked(&p.principal.token_id)
+                    {
+                        Err(format!(
+                            "the token {} this certificate was signed for is revoked",
+                            p.principal.token_id
+                        ))
+                    } else {
+                        Ok(p)
+                    }
+                })
+        } else {
+            self.ssh.verify_key(text, now)
+        };
+        let kind = if certificate {
+            "ssh_certificate"
+        } else {
+            "ssh_public_key"
+        };
+        let (success, reason) = match &result {
+            Ok(_) => (true, "verified".to_owned()),
+            Err(e) => (false, e.clone()),
+        };
+        self.core
+            .record(
+                if success {
+                    "authz.verify"
+                } else {
+                    "authz.refuse"
+                },
+                result.as_ref().ok().map(|p| &p.principal),
+                source,
+                agentgate_proto::audit::v1::audit_event::Detail::Auth(
+                    agentgate_proto::audit::v1::AuthRecord {
+                        success,
+                        reason: reason.clone(),
+                        credential_kind: kind.into(),
+                    },
+                ),
+            )
+            .await;
+        match result {
+            Ok(p) => Ok((p.principal, p.expires_at_us)),
+            Err(e) => {
+                tracing::info!(source, reason = %e, kind, "SSH credential refused");
+                Err(Status::unauthenticated(format!("credential refused: {e}")))
+            }
+        }
+    }
+}
+
 #[tonic::async_trait]
 impl AuthzApi for AuthzService {
+    async fn sign_ssh_certificate(
+        &self,
+        request: Request<SignSshCertificateRequest>,
+    ) -> Result<Response<SignSshCertificateResponse>, Status> {
+        let token = bearer_token(request.metadata())?.to_owned();
+        let (caller, token_exp) = self
+            .core
+            .verify_token(&token, None, &peer(&request), "bearer")
+            .await?;
+        let r = request.into_inner();
+        let ttl = duration(r.ttl.as_ref()).unwrap_or_default();
+        let (certificate, expires_at_us) = self
+            .ssh
+            .sign(&r.public_key, &caller, ttl, token_exp)
+            .map_err(Status::invalid_argument)?;
+        self.core
+            .record(
+                "authz.ssh_certificate_issued",
+                Some(&caller),
+                "",
+                agentgate_proto::audit::v1::audit_event::Detail::Grant(
+                    agentgate_proto::audit::v1::GrantRecord {
+                        grant_id: String::new(),
+                        change: format!(
+                            "SSH certificate signed for {} (token {})",
+                            caller.subject, caller.token_id
+                        ),
+                        expires_at: Some(us_timestamp(expires_at_us)),
+                        reason: String::new(),
+                    },
+                ),
+            )
+            .await;
+        Ok(Response::new(SignSshCertificateResponse {
+            certificate,
+            expires_at: Some(us_timestamp(expires_at_us)),
+            ca_public_key: self.ssh.ca_public_key(),
+        }))
+    }
+
     type WatchGrantsStream = BoxStream<GrantEvent>;
 
     async fn verify_credential(

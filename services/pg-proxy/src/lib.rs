@@ -1,0 +1,257 @@
+//! pg-proxy: agents use Postgres through agentgate with the clients they already have.
+//!
+//! An agent connects with psql, pgbench, a driver (libpq, psycopg, JDBC) as to any Postgres:
+//! the startup `user` is the role it wants (`read`, `admin`...), `database` the connection
+//! name from the catalog, and its agentgate token is the password. The proxy has authz open a
+//! session (no grant, no session), logs in to the real database itself with the connection's
+//! credential (the agent never sees it), and relays the frontend/backend protocol:
+//! every statement is classified with the PostgreSQL grammar, decided by the session's
+//! policy (allow, deny, or hold for approval), result cells are masked by their source
+//! column, and every statement is recorded. The session ends when the grant expires or is
+//! revoked, within a second, with a FATAL error that says why.
+//!
+//! Layout: [`conn`] is one connection's life, [`relay`] the two directions of a live session,
+//! [`upstream`] the login to the database, [`catalog`] where result columns come from.
+//! See docs/pg-proxy.md.
+
+pub mod catalog;
+pub mod conn;
+pub mod ops;
+pub mod relay;
+pub mod stream;
+pub mod upstream;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use agentgate_session::Gateway;
+use agentgate_sql_classify::Classifier;
+use agentgate_tls::TlsConfig;
+use anyhow::Context as _;
+use serde::{Deserialize, Serialize};
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+use crate::catalog::Catalog;
+use crate::conn::CancelKeys;
+use crate::upstream::UpstreamTarget;
+
+/// Settings of pg-proxy (the `[pg_proxy]` table of the deployment's TOML file).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PgProxyConfig {
+    /// Whether `agentgate up` runs pg-proxy (the standalone binary always does).
+    pub enabled: bool,
+    /// Where agents connect.
+    pub listen: SocketAddr,
+    /// This instance's name, recorded with every session.
+    pub name: String,
+    /// Certificate and key for agents' TLS (answering SSLRequest). Without them SSLRequest
+    /// is declined and only loopback clients may log in (if allowed below).
+    pub tls: TlsConfig,
+    /// Let clients on loopback send their token without TLS (a local agent, tests).
+    pub allow_cleartext_on_loopback: bool,
+    /// Largest message accepted from an agent.
+    pub max_message_bytes: usize,
+    /// How long a new connection may take to start up and send its token.
+    #[serde(with = "humantime_serde")]
+    pub startup_timeout: Duration,
+    /// authz's gRPC address.
+    pub authz_url: String,
+    /// approvals' gRPC address.
+    pub approvals_url: String,
+    /// TLS for authz and approvals (CA, and this proxy's client certificate).
+    pub control_tls: TlsConfig,
+    /// File holding this proxy's service token (for authz, approvals and the audit store).
+    pub service_token_file: Option<PathBuf>,
+    /// The audit store's gRPC address.
+    pub audit_url: String,
+    /// The durable local spool of audit events.
+    pub spool_path: Option<PathBuf>,
+}
+
+impl Default for PgProxyConfig {
+    fn default() -> Self {
+        PgProxyConfig {
+            enabled: true,
+            listen: SocketAddr::from(([127, 0, 0, 1], 6432)),
+            name: "pg-proxy".into(),
+            tls: TlsConfig::default(),
+            allow_cleartext_on_loopback: true,
+            max_message_bytes: agentgate_pgwire::DEFAULT_MAX_MESSAGE_LEN,
+            startup_timeout: Duration::from_secs(30),
+            authz_url: "http://127.0.0.1:7404".into(),
+            approvals_url: "http://127.0.0.1:7405".into(),
+            control_tls: TlsConfig::default(),
+            service_token_file: None,
+            audit_url: "http://127.0.0.1:7403".into(),
+            spool_path: None,
+        }
+    }
+}
+
+/// What every connection of one proxy shares.
+pub struct Shared {
+    config: PgProxyConfig,
+    gateway: Gateway,
+    classifier: Arc<Classifier>,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    cancels: CancelKeys,
+    catalogs: Mutex<HashMap<(String, String), Arc<Catalog>>>,
+}
+
+impl Shared {
+    /// The column-origin cache of a connection, per upstream user (what one user sees of
+    /// the catalog is what its sessions can select).
+    fn catalog(&self, connection: &str, target: &UpstreamTarget) -> Arc<Catalog> {
+        let mut map = self.catalogs.lock().unwrap_or_else(|p| p.into_inner());
+        map.entry((connection.to_owned(), target.user.clone()))
+            .or_insert_with(|| Arc::new(Catalog::new(target.clone())))
+            .clone()
+    }
+}
+
+/// A running pg-proxy.
+pub struct RunningPgProxy {
+    /// The address it listens on (useful with port 0).
+    pub addr: SocketAddr,
+    shutdown: Option<oneshot::Sender<()>>,
+    task: JoinHandle<()>,
+}
+
+impl RunningPgProxy {
+    /// Stops accepting; live sessions end with the process.
+    pub async fn shutdown(mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        let _ = (&mut self.task).await;
+    }
+
+    /// Waits until the accept loop ends.
+    pub async fn wait(&mut self) {
+        let _ = (&mut self.task).await;
+    }
+}
+
+/// Binds the listener and serves agents through `gateway`.
+pub async fn start(config: &PgProxyConfig, gateway: Gateway) -> anyhow::Result<RunningPgProxy> {
+    let tls = match config.tls.identity().context("pg_proxy.tls")? {
+        Some(_) => {
+            let server = agentgate_tls::rustls_server_config(&TlsConfig {
+                ca: None,
+                ..config.tls.clone()
+            })
+            .context("pg_proxy.tls")?;
+            Some(tokio_rustls::TlsAcceptor::from(server))
+        }
+        None => None,
+    };
+    let listener = TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("pg-proxy: binding {}", config.listen))?;
+    let addr = listener.local_addr()?;
+    let shared = Arc::new(Shared {
+        config: config.clone(),
+        gateway,
+        classifier: Arc::new(Classifier::default()),
+        tls,
+        cancels: CancelKeys::default(),
+        catalogs: Mutex::new(HashMap::new()),
+    });
+    let (tx, mut rx) = oneshot::channel();
+    let task = tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = &mut rx => break,
+                accepted = listener.accept() => match accepted {
+                    Ok((socket, peer)) => {
+                        tokio::spawn(conn::serve(shared.clone(), socket, peer));
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                }
+            }
+        }
+    });
+    tracing::info!(%addr, "pg-proxy listening");
+    Ok(RunningPgProxy {
+        addr,
+        shutdown: Some(tx),
+        task,
+    })
+}
+
+/// Everything pg-proxy needs from the control plane, built from its configuration: the
+/// authz client, the recorder and the session gateway. The service token is read from
+/// `service_token_file` (re-read for the audit store on every reconnect, so it can be
+/// rotated) or the `AGENTGATE_SERVICE_TOKEN` environment variable.
+pub async fn gateway_from_config(
+    config: &PgProxyConfig,
+    data_dir: &std::path::Path,
+) -> anyhow::Result<Gateway> {
+    let (token, recorder_token): (String, Arc<dyn agentgate_recorder::TokenSource>) = match &config
+        .service_token_file
+    {
+        Some(path) => (
+            std::fs::read_to_string(path)
+                .with_context(|| format!("pg_proxy.service_token_file {}", path.display()))?
+                .trim()
+                .to_owned(),
+            Arc::new(agentgate_recorder::TokenFile::new(path)),
+        ),
+        None => {
+            let token = std::env::var("AGENTGATE_SERVICE_TOKEN").context(
+                    "pg-proxy needs a service token: set pg_proxy.service_token_file or AGENTGATE_SERVICE_TOKEN",
+                )?;
+            (
+                token.clone(),
+                Arc::new(agentgate_recorder::FixedToken::new(token)),
+            )
+        }
+    };
+    gateway(config, data_dir, &token, recorder_token).await
+}
+
+/// The session gateway for `config`, with `service_token` for authz and approvals and
+/// `recorder_token` for the audit store (`agentgate up` passes tokens authz signs itself).
+pub async fn gateway(
+    config: &PgProxyConfig,
+    data_dir: &std::path::Path,
+    service_token: &str,
+    recorder_token: Arc<dyn agentgate_recorder::TokenSource>,
+) -> anyhow::Result<Gateway> {
+    let authz_tls = agentgate_tls::grpc_client_tls(&config.control_tls, "authz")
+        .context("pg_proxy.control_tls")?;
+    let approvals_tls = agentgate_tls::grpc_client_tls(&config.control_tls, "approvals")
+        .context("pg_proxy.control_tls")?;
+    let audit_tls = agentgate_tls::grpc_client_tls(&config.control_tls, "audit-store")
+        .context("pg_proxy.control_tls")?;
+    let authz =
+        agentgate_authz::client::AuthzClient::new(&config.authz_url, service_token, authz_tls)
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let spool = config
+        .spool_path
+        .clone()
+        .unwrap_or_else(|| data_dir.join(format!("{}-spool.db", config.name)));
+    let mut recorder_config = agentgate_recorder::RecorderConfig::new(&config.audit_url, spool)
+        .with_token_source(recorder_token);
+    recorder_config.tls = audit_tls;
+    let recorder = agentgate_recorder::Recorder::open(recorder_config)
+        .await
+        .context("pg-proxy: audit recorder")?;
+    let mut gateway_config = agentgate_session::GatewayConfig::new(
+        &config.name,
+        agentgate_proto::common::v1::Protocol::Postgres,
+        &config.approvals_url,
+        service_token,
+    );
+    gateway_config.approvals_tls = approvals_tls;
+    Ok(Gateway::start(authz, recorder, gateway_config)?)
+}

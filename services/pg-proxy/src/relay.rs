@@ -1,0 +1,1407 @@
+//! The two directions of a live session.
+//!
+//! The agent-side task reads the agent's messages, classifies and decides every statement,
+//! holds those that need approval, and forwards; for every message that the server will
+//! answer it first queues an [`Expect`], so the upstream-side task knows what each answer
+//! belongs to. That task masks result cells (by the column's source table and column, or by
+//! content), replaces the server's answer to a refused statement's stand-in with the refusal,
+//! and records each statement when it completes. Each task reads a batch of messages per
+//! system call and writes its output once per batch.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+
+use agentgate_masking::{CellPlan, MaskReport, Masker};
+use agentgate_pgwire::{
+    Bind, Close, CommandComplete, DataRow, Describe, ErrorFields, Execute, FieldDescription, Frame,
+    FrameCodec, FrameReader, Parse, Query, RowDescription, Target, build,
+};
+use agentgate_proto::common::v1::{Decision, Operation, Protocol};
+use agentgate_session::{EndReason, OperationEvent, Session};
+use agentgate_sql_classify::{Classification, Classifier, PreparedStatements};
+use bytes::BytesMut;
+use tokio::io::{AsyncWriteExt, ReadHalf, WriteHalf};
+
+use crate::catalog::Catalog;
+use crate::ops::{Denial, OpRecord};
+use crate::stream::Stream;
+
+/// Most answers the proxy waits for at once on one connection: a client pipelining more
+/// than this without reading is refused rather than letting the queue grow without bound.
+const MAX_EXPECTED: usize = 100_000;
+/// Most named statements and portals tracked per connection.
+const MAX_NAMED: usize = 10_000;
+
+/// What the server owes for a message the proxy forwarded.
+enum Expect {
+    /// ParseComplete; the statement's earlier shape no longer holds.
+    Parse(String),
+    /// BindComplete; then the portal exists with these result formats.
+    Bind {
+        portal: String,
+        statement: String,
+        result_formats: Vec<i16>,
+    },
+    /// ParameterDescription, then RowDescription or NoData.
+    DescribeStatement(String),
+    /// RowDescription or NoData.
+    DescribePortal(String),
+    /// CloseComplete; a closed statement's shape is forgotten.
+    Close(Option<String>),
+    /// The rows and completion of one Execute; `sql` is its statement's text, to describe
+    /// when the server has not.
+    Execute {
+        portal: String,
+        sql: Option<Arc<str>>,
+        op: Box<OpRecord>,
+    },
+    /// Every statement of a simple Query, then ReadyForQuery.
+    Query { ops: VecDeque<OpRecord> },
+    /// A FunctionCall's result, then ReadyForQuery.
+    FunctionCall { op: Box<OpRecord> },
+    /// ReadyForQuery for a Sync.
+    Sync,
+}
+
+/// The agent's connection, written by both tasks.
+pub type ClientWriter = Arc<tokio::sync::Mutex<WriteHalf<Stream>>>;
+
+/// What both tasks of one session share.
+pub struct Context {
+    /// The authz session: policy, masker, recording, end signal.
+    pub session: Session,
+    /// The shared statement classifier.
+    pub classifier: Arc<Classifier>,
+    /// Column origins for masking, for this connection's upstream.
+    pub catalog: Arc<Catalog>,
+    /// Largest message accepted from the agent.
+    pub max_message: usize,
+    /// The agent's connection.
+    pub client: ClientWriter,
+    expect: Mutex<VecDeque<Expect>>,
+}
+
+impl Context {
+    /// The shared state of a session about to be relayed.
+    pub fn new(
+        session: Session,
+        classifier: Arc<Classifier>,
+        catalog: Arc<Catalog>,
+        max_message: usize,
+        client: ClientWriter,
+    ) -> Arc<Context> {
+        Arc::new(Context {
+            session,
+            classifier,
+            catalog,
+            max_message,
+            client,
+            expect: Mutex::new(VecDeque::new()),
+        })
+    }
+
+    fn push(&self, e: Expect) -> Result<(), EndReason> {
+        let mut q = self
+            .expect
+            .lock()
+            .map_err(|_| EndReason::Error("internal state poisoned".into()))?;
+        if q.len() >= MAX_EXPECTED {
+            return Err(EndReason::Error(format!(
+                "more than {MAX_EXPECTED} messages awaiting an answer"
+            )));
+        }
+        q.push_back(e);
+        Ok(())
+    }
+
+    async fn write_client(&self, bytes: &[u8]) -> std::io::Result<()> {
+        let mut w = self.client.lock().await;
+        w.write_all(bytes).await?;
+        w.flush().await
+    }
+}
+
+/// Why a task stopped: the session's end reason, and for a protocol error the message the
+/// agent is sent before the connection closes.
+pub struct Stop {
+    /// The reason recorded.
+    pub reason: EndReason,
+    /// A final ErrorResponse for the agent, if any.
+    pub notify: Option<Frame>,
+}
+
+impl Stop {
+    fn quiet(reason: EndReason) -> Stop {
+        Stop {
+            reason,
+            notify: None,
+        }
+    }
+
+    fn protocol(message: String) -> Stop {
+        Stop {
+            notify: Some(build::error(
+                "FATAL",
+                agentgate_pgwire::PROTOCOL_VIOLATION,
+                &message,
+                None,
+            )),
+            reason: EndReason::Error(format!("protocol violation: {message}")),
+        }
+    }
+}
+
+impl From<EndReason> for Stop {
+    fn from(r: EndReason) -> Stop {
+        Stop::quiet(r)
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// agent → upstream
+
+/// A statement's text and its classification (or why it could not be classified).
+type PreparedStatement = (Arc<str>, Result<Arc<Classification>, String>);
+
+/// Statements of one connection as the agent prepared them (Parse) and bound them (Bind).
+#[derive(Default)]
+struct Prepared {
+    /// SQL-level PREPARE/EXECUTE, which the classifier resolves through.
+    sql: PreparedStatements,
+    statements: HashMap<String, PreparedStatement>,
+    /// portal → (statement name, masked parameters for the record)
+    portals: HashMap<String, (String, Vec<String>)>,
+}
+
+/// Reads the agent's messages until the session ends.
+pub async fn agent_to_upstream(
+    ctx: Arc<Context>,
+    client: ReadHalf<Stream>,
+    mut upstream: WriteHalf<Stream>,
+) -> Stop {
+    let mut reader = FrameReader::new(client, FrameCodec::new(ctx.max_message));
+    let mut out = BytesMut::with_capacity(16 * 1024);
+    let mut prepared = Prepared::default();
+    let mut denials = DenialMarkers::new();
+    loop {
+        match reader.fill().await {
+            Ok(true) => {}
+            Ok(false) => return Stop::quiet(EndReason::ClientClosed),
+            Err(agentgate_pgwire::WireError::Io(_)) => {
+                return Stop::quiet(EndReason::ClientClosed);
+            }
+            Err(e) => return Stop::protocol(e.to_string()),
+        }
+        loop {
+            let frame = match reader.next_frame() {
+                Ok(Some(f)) => f,
+                Ok(None) => break,
+                Err(e) => return Stop::protocol(e.to_string()),
+            };
+            ctx.session.count_bytes(frame.wire_len() as u64, 0);
+            match on_agent_frame(
+                &ctx,
+                frame,
+                &mut out,
+                &mut upstream,
+                &mut prepared,
+                &mut denials,
+            )
+            .await
+            {
+                Ok(Flow::Continue) => {}
+                Ok(Flow::Terminate) => {
+                    let _ = upstream.write_all(&out).await;
+                    let _ = upstream.write_all(build::terminate().raw()).await;
+                    let _ = upstream.flush().await;
+                    return Stop::quiet(EndReason::ClientClosed);
+                }
+                Err(stop) => return stop,
+            }
+        }
+        if !out.is_empty()
+            && let Err(e) = write_upstream(&mut upstream, &mut out).await
+        {
+            return Stop::quiet(EndReason::Error(format!("upstream write: {e}")));
+        }
+    }
+}
+
+async fn write_upstream(up: &mut WriteHalf<Stream>, out: &mut BytesMut) -> std::io::Result<()> {
+    up.write_all(out).await?;
+    up.flush().await?;
+    out.clear();
+    Ok(())
+}
+
+enum Flow {
+    Continue,
+    Terminate,
+}
+
+/// Unique markers for refused statements' stand-ins.
+struct DenialMarkers {
+    prefix: String,
+    next: u64,
+}
+
+impl DenialMarkers {
+    fn new() -> Self {
+        DenialMarkers {
+            prefix: format!("agentgate_refused_{:016x}", rand::random::<u64>()),
+            next: 0,
+        }
+    }
+
+    fn next(&mut self) -> String {
+        self.next += 1;
+        format!("{}_{}", self.prefix, self.next)
+    }
+}
+
+fn operation_for(sql: &str, classification: &Classification) -> Operation {
+    let mut classes: Vec<String> = Vec::new();
+    let mut targets: Vec<String> = Vec::new();
+    let mut commands: Vec<String> = Vec::new();
+    for s in &classification.statements {
+        for c in &s.risk_classes {
+            if !classes.iter().any(|x| x == c) {
+                classes.push((*c).to_owned());
+            }
+        }
+        for t in &s.tables {
+            if !targets.contains(t) {
+                targets.push(t.clone());
+            }
+        }
+        commands.push(s.command.clone());
+    }
+    let mut attributes = HashMap::new();
+    if commands.len() > 1 {
+        attributes.insert("statements".into(), commands.len().to_string());
+    }
+    Operation {
+        protocol: Protocol::Postgres as i32,
+        action: commands.join(";").to_lowercase(),
+        text: sql.to_owned(),
+        targets,
+        risk_classes: classes,
+        attributes,
+    }
+}
+
+fn copy_source_of(c: &Classification) -> Option<String> {
+    match c.statements.as_slice() {
+        [one] => one.copy_source.clone(),
+        _ => None,
+    }
+}
+
+/// An operation for text the classifier refused (unparseable): denied.
+fn unparseable(sql: &str, why: &str) -> (Operation, Decision, String) {
+    (
+        Operation {
+            protocol: Protocol::Postgres as i32,
+            action: "unparseable".into(),
+            text: sql.to_owned(),
+            ..Default::default()
+        },
+        Decision::Deny,
+        format!("statement refused: it does not parse as PostgreSQL ({why})"),
+    )
+}
+
+/// The refusal the agent sees for a statement.
+fn refusal(op: &OpRecord) -> Frame {
+    let code = if op.operation.action == "unparseable" {
+        "42601"
+    } else {
+        agentgate_pgwire::INSUFFICIENT_PRIVILEGE
+    };
+    build::error("ERROR", code, &format!("agentgate: {}", op.reason), None)
+}
+
+/// Decides `op`; holds it for approval when policy says so. Returns the final decision
+/// in `op` (allow or deny).
+async fn decide(
+    ctx: &Context,
+    op: &mut OpRecord,
+    upstream: &mut WriteHalf<Stream>,
+    out: &mut BytesMut,
+) -> Result<(), Stop> {
+    if op.decision != Decision::NeedsApproval {
+        return Ok(());
+    }
+    // Everything before the held statement goes to the server now: only this statement
+    // and what follows it wait.
+    if !out.is_empty() {
+        write_upstream(upstream, out)
+            .await
+            .map_err(|e| Stop::quiet(EndReason::Error(format!("upstream write: {e}"))))?;
+    }
+    let decision = ctx.session.decide(&op.operation);
+    let client = ctx.client.clone();
+    let outcome = ctx
+        .session
+        .hold_for_approval(&op.operation, &decision, "", move |pending| {
+            // libpq and the drivers show a NOTICE while they wait for the result.
+            let notice = build::notice(
+                "01000",
+                &pending.message(),
+                Some("the statement runs as soon as it is approved"),
+            );
+            tokio::spawn(async move {
+                let mut w = client.lock().await;
+                let _ = w.write_all(notice.raw()).await;
+                let _ = w.flush().await;
+            });
+        })
+        .await;
+    op.approval_id = outcome.approval_id().map(str::to_owned);
+    op.decision = outcome.decision();
+    op.reason = outcome.message();
+    if let agentgate_session::ApprovalOutcome::SessionEnded { reason, .. } = outcome {
+        return Err(Stop::quiet(reason));
+    }
+    Ok(())
+}
+
+async fn on_agent_frame(
+    ctx: &Context,
+    frame: Frame,
+    out: &mut BytesMut,
+    upstream: &mut WriteHalf<Stream>,
+    prepared: &mut Prepared,
+    denials: &mut DenialMarkers,
+) -> Result<Flow, Stop> {
+    match frame.tag() {
+        b'Q' => {
+            let query = Query::parse(&frame).map_err(|e| Stop::protocol(e.to_string()))?;
+            // A simple Query drops the unnamed prepared statement on the server.
+            prepared.sql.remove("");
+            let mut copy_source = None;
+            let (operation, decision, reason) =
+                match prepared.sql.classify(&ctx.classifier, query.sql) {
+                    Ok(c) => {
+                        copy_source = copy_source_of(&c);
+                        let operation = operation_for(query.sql, &c);
+                        let d = ctx.session.decide(&operation);
+                        (operation, d.decision, d.reason)
+                    }
+                    Err(e) => unparseable(query.sql, &e.to_string()),
+                };
+            let mut op = OpRecord::new(operation, decision, reason);
+            op.copy_source = copy_source;
+            decide(ctx, &mut op, upstream, out).await?;
+            if op.decision == Decision::Allow {
+                // One record per Query: its statements run as one implicit transaction and
+                // were decided together.
+                ctx.push(Expect::Query {
+                    ops: VecDeque::from([op]),
+                })?;
+                out.extend_from_slice(frame.raw());
+            } else {
+                let marker = denials.next();
+                op.denial = Some(Denial {
+                    error: refusal(&op),
+                    marker: marker.clone(),
+                });
+                ctx.push(Expect::Query {
+                    ops: VecDeque::from([op]),
+                })?;
+                out.extend_from_slice(Query::frame(&marker).raw());
+            }
+        }
+        b'P' => {
+            let parse = Parse::parse(&frame).map_err(|e| Stop::protocol(e.to_string()))?;
+            if parse.name.is_empty() {
+                prepared.sql.remove("");
+            }
+            let classified = prepared
+                .sql
+                .classify(&ctx.classifier, parse.sql)
+                .map_err(|e| e.to_string());
+            if let Ok(c) = &classified {
+                // Protocol-level and SQL-level prepared statements share one namespace:
+                // `EXECUTE name` in SQL runs what this Parse prepared.
+                if !parse.name.is_empty() {
+                    prepared.sql.register(parse.name, c.clone());
+                }
+            }
+            if prepared.statements.len() >= MAX_NAMED
+                && !prepared.statements.contains_key(parse.name)
+            {
+                return Err(Stop::protocol(format!(
+                    "more than {MAX_NAMED} prepared statements on one connection"
+                )));
+            }
+            prepared
+                .statements
+                .insert(parse.name.to_owned(), (Arc::from(parse.sql), classified));
+            ctx.push(Expect::Parse(parse.name.to_owned()))?;
+            out.extend_from_slice(frame.raw());
+        }
+        b'B' => {
+            let bind = Bind::parse(&frame).map_err(|e| Stop::protocol(e.to_string()))?;
+            let masker = ctx.session.masker();
+            let mut report = MaskReport::new();
+            let params = bind
+                .params
+                .iter()
+                .enumerate()
+                .map(|(i, p)| match p {
+                    None => "NULL".to_owned(),
+                    Some(v) if bind.param_format(i) == 0 => {
+                        let text = String::from_utf8_lossy(v);
+                        masker.mask_text(&text, &mut report).into_owned()
+                    }
+                    Some(v) => format!("<{} bytes binary>", v.len()),
+                })
+                .collect();
+            if prepared.portals.len() >= MAX_NAMED && !prepared.portals.contains_key(bind.portal) {
+                return Err(Stop::protocol(format!(
+                    "more than {MAX_NAMED} portals on one connection"
+                )));
+            }
+            prepared
+                .portals
+                .insert(bind.portal.to_owned(), (bind.statement.to_owned(), params));
+            ctx.push(Expect::Bind {
+                portal: bind.portal.to_owned(),
+                statement: bind.statement.to_owned(),
+                result_formats: bind.result_formats.clone(),
+            })?;
+            out.extend_from_slice(frame.raw());
+        }
+        b'E' => {
+            let execute = Execute::parse(&frame).map_err(|e| Stop::protocol(e.to_string()))?;
+            let (statement, params) = prepared
+                .portals
+                .get(execute.portal)
+                .cloned()
+                .unwrap_or_default();
+            let mut copy_source = None;
+            let sql = prepared
+                .statements
+                .get(&statement)
+                .map(|(sql, _)| sql.clone());
+            let (operation, decision, reason) = match prepared.statements.get(&statement) {
+                Some((sql, Ok(c))) => {
+                    copy_source = copy_source_of(c);
+                    let operation = operation_for(sql, c);
+                    let d = ctx.session.decide(&operation);
+                    (operation, d.decision, d.reason)
+                }
+                Some((sql, Err(e))) => unparseable(sql, e),
+                // No such portal: the server will say so; nothing runs.
+                None => (
+                    Operation {
+                        protocol: Protocol::Postgres as i32,
+                        action: "execute".into(),
+                        ..Default::default()
+                    },
+                    Decision::Allow,
+                    "no statement to run".into(),
+                ),
+            };
+            let mut op = OpRecord::new(operation, decision, reason);
+            op.parameters = params;
+            op.copy_source = copy_source;
+            decide(ctx, &mut op, upstream, out).await?;
+            if op.decision == Decision::Allow {
+                ctx.push(Expect::Execute {
+                    portal: execute.portal.to_owned(),
+                    sql,
+                    op: Box::new(op),
+                })?;
+                out.extend_from_slice(frame.raw());
+            } else {
+                let marker = denials.next();
+                op.denial = Some(Denial {
+                    error: refusal(&op),
+                    marker: marker.clone(),
+                });
+                ctx.push(Expect::Execute {
+                    portal: execute.portal.to_owned(),
+                    sql: None,
+                    op: Box::new(op),
+                })?;
+                // A portal that cannot exist: the server fails it, naming the marker, and
+                // skips to the next Sync as for any error.
+                out.extend_from_slice(Execute::frame(&marker, 0).raw());
+            }
+        }
+        b'D' => {
+            let describe = Describe::parse(&frame).map_err(|e| Stop::protocol(e.to_string()))?;
+            ctx.push(match describe.target {
+                Target::Statement(s) => Expect::DescribeStatement(s.to_owned()),
+                Target::Portal(p) => Expect::DescribePortal(p.to_owned()),
+            })?;
+            out.extend_from_slice(frame.raw());
+        }
+        b'C' => {
+            let close = Close::parse(&frame).map_err(|e| Stop::protocol(e.to_string()))?;
+            let closed = match close.target {
+                Target::Statement(s) => {
+                    prepared.statements.remove(s);
+                    prepared.sql.remove(s);
+                    Some(s.to_owned())
+                }
+                Target::Portal(p) => {
+                    prepared.portals.remove(p);
+                    None
+                }
+            };
+            ctx.push(Expect::Close(closed))?;
+            out.extend_from_slice(frame.raw());
+        }
+        b'S' => {
+            ctx.push(Expect::Sync)?;
+            out.extend_from_slice(frame.raw());
+        }
+        b'H' | b'd' | b'c' | b'f' => out.extend_from_slice(frame.raw()),
+        b'F' => {
+            // A call by function OID: nothing to parse, so it is opaque code to policy.
+            let operation = Operation {
+                protocol: Protocol::Postgres as i32,
+                action: "function_call".into(),
+                text: "<FunctionCall message>".into(),
+                risk_classes: vec!["sql.opaque_code".into()],
+                ..Default::default()
+            };
+            let d = ctx.session.decide(&operation);
+            let mut op = OpRecord::new(operation, d.decision, d.reason);
+            decide(ctx, &mut op, upstream, out).await?;
+            if op.decision != Decision::Allow {
+                // No stand-in exists for a function call; refuse it like the server refuses
+                // a bad one: an error, then ReadyForQuery from the server's own Sync.
+                let marker = denials.next();
+                op.denial = Some(Denial {
+                    error: refusal(&op),
+                    marker: marker.clone(),
+                });
+                ctx.push(Expect::Query {
+                    ops: VecDeque::from([op]),
+                })?;
+                out.extend_from_slice(Query::frame(&marker).raw());
+            } else {
+                ctx.push(Expect::FunctionCall { op: Box::new(op) })?;
+                out.extend_from_slice(frame.raw());
+            }
+        }
+        b'X' => return Ok(Flow::Terminate),
+        other => {
+            return Err(Stop::protocol(format!(
+                "unexpected message type {:?} from the client",
+                char::from(other)
+            )));
+        }
+    }
+    Ok(Flow::Continue)
+}
+
+// ---------------------------------------------------------------------------------------
+// upstream → agent
+
+/// How one result column's cells are masked.
+#[derive(Debug, Clone, Copy)]
+enum Cell {
+    /// Passed as is (binary non-text values, or no masking at all).
+    Pass,
+    /// Text (or binary text-like) value: masked per plan.
+    Mask(CellPlan),
+    /// jsonb in binary: a version byte, then text.
+    Jsonb(CellPlan),
+    /// A rule selects a value the proxy cannot rewrite in place (binary number, date...):
+    /// replaced by NULL, counted under the rule.
+    Null(CellPlan),
+}
+
+/// Result shapes the server described, by statement and portal.
+#[derive(Default)]
+struct Shapes {
+    statements: HashMap<String, Arc<Vec<FieldDescription>>>,
+    portals: HashMap<String, Arc<Vec<FieldDescription>>>,
+    /// portal → (statement, result formats) from Bind.
+    bound: HashMap<String, (String, Vec<i16>)>,
+}
+
+/// Relays the server's messages until the session ends.
+pub async fn upstream_to_agent(ctx: Arc<Context>, upstream: ReadHalf<Stream>) -> Stop {
+    let mut reader = FrameReader::new(upstream, FrameCodec::new(1024 * 1024 * 1024));
+    let mut out = BytesMut::with_capacity(64 * 1024);
+    let masker = ctx.session.masker().clone();
+    let mut state = UpstreamState {
+        shapes: Shapes::default(),
+        copy: None,
+        cells: None,
+        masking: !masker.is_noop(),
+        masker,
+    };
+    loop {
+        match reader.fill().await {
+            Ok(true) => {}
+            Ok(false) | Err(agentgate_pgwire::WireError::Io(_)) => {
+                return Stop::quiet(EndReason::UpstreamClosed);
+            }
+            Err(e) => {
+                return Stop::quiet(EndReason::Error(format!("upstream protocol: {e}")));
+            }
+        }
+        loop {
+            let frame = match reader.next_frame() {
+                Ok(Some(f)) => f,
+                Ok(None) => break,
+                Err(e) => return Stop::quiet(EndReason::Error(format!("upstream protocol: {e}"))),
+            };
+            if let Err(stop) = on_server_frame(&ctx, &mut state, frame, &mut out).await {
+                let _ = ctx.write_client(&out).await;
+                return stop;
+            }
+        }
+        if !out.is_empty() {
+            ctx.session.count_bytes(0, out.len() as u64);
+            if let Err(e) = ctx.write_client(&out).await {
+                return Stop::quiet(EndReason::Error(format!("client write: {e}")));
+            }
+            out.clear();
+        }
+    }
+}
+
+/// How the rows of a COPY TO STDOUT in progress are masked.
+struct CopyMask {
+    cells: Vec<Cell>,
+    binary: bool,
+    /// The binary header has been passed (it comes before the first row).
+    header_done: bool,
+}
+
+struct UpstreamState {
+    shapes: Shapes,
+    copy: Option<CopyMask>,
+    /// How the cells of the result being streamed are masked; `None` until known.
+    cells: Option<Vec<Cell>>,
+    masking: bool,
+    masker: Masker,
+}
+
+fn is_textual(type_oid: u32) -> bool {
+    // text, varchar, bpchar, name, char, json, xml, unknown; and user-defined types
+    // (enums, domains, citext), whose text and binary forms are text.
+    matches!(type_oid, 25 | 1043 | 1042 | 19 | 18 | 114 | 142 | 705) || type_oid >= 16384
+}
+
+async fn plan_cells(
+    ctx: &Context,
+    masker: &Masker,
+    fields: &[FieldDescription],
+    formats: Option<&[i16]>,
+) -> Vec<Cell> {
+    let oids: Vec<u32> = fields.iter().map(|f| f.table_oid).collect();
+    let tables = if oids.iter().any(|&o| o != 0) {
+        match ctx.catalog.tables(&oids).await {
+            Ok(t) => Some(t),
+            Err(e) => {
+                tracing::warn!(error = %e, "column origins unavailable; masking table columns by content and rule as unknown");
+                None
+            }
+        }
+    } else {
+        Some(HashMap::new())
+    };
+    fields
+        .iter()
+        .enumerate()
+        .map(|(i, f)| {
+            let format = match formats {
+                Some(fs) => agentgate_pgwire_format(fs, i),
+                None => f.format,
+            };
+            let plan = if f.table_oid == 0 {
+                CellPlan::CONTENT
+            } else {
+                match &tables {
+                    Some(t) => match t.get(&f.table_oid).and_then(|t| t.as_ref()) {
+                        Some(table) => match table.column(f.column) {
+                            Some(col) => masker.column_plan(&table.schema, &table.table, col),
+                            None => CellPlan::CONTENT,
+                        },
+                        None => CellPlan::CONTENT,
+                    },
+                    // Fail closed: the origin is a table the proxy cannot name right now.
+                    None => masker.column_plan("*", "*", "*"),
+                }
+            };
+            let textual = is_textual(f.type_oid);
+            match (format, textual, plan.is_rule()) {
+                (_, true, _) => Cell::Mask(plan),
+                (1, false, _) if f.type_oid == 3802 => Cell::Jsonb(plan),
+                (0, false, _) if f.type_oid == 3802 => Cell::Mask(plan),
+                (_, false, true) => Cell::Null(plan),
+                (_, false, false) => Cell::Pass,
+            }
+        })
+        .collect()
+}
+
+/// The none/one/each convention of Bind's result format codes.
+fn agentgate_pgwire_format(formats: &[i16], i: usize) -> i16 {
+    match formats {
+        [] => 0,
+        [one] => *one,
+        each => each.get(i).copied().unwrap_or(0),
+    }
+}
+
+fn mask_row(
+    masker: &Masker,
+    cells: &[Cell],
+    frame: &Frame,
+    report: &mut MaskReport,
+) -> Result<Option<Frame>, String> {
+    let row = DataRow::parse(frame).map_err(|e| e.to_string())?;
+    let mut changed = false;
+    let mut masked: Vec<Option<std::borrow::Cow<'_, [u8]>>> = Vec::with_capacity(row.cells.len());
+    for (i, value) in row.cells.iter().enumerate() {
+        let Some(v) = value else {
+            masked.push(None);
+            continue;
+        };
+        let cell = cells
+            .get(i)
+            .copied()
+            .unwrap_or(Cell::Mask(CellPlan::CONTENT));
+        let out = match cell {
+            Cell::Pass => Some(std::borrow::Cow::Borrowed(*v)),
+            Cell::Mask(plan) => Some(masker.mask_cell(plan, v, report)),
+            Cell::Jsonb(plan) => match v.split_first() {
+                Some((&version, text)) => match masker.mask_cell(plan, text, report) {
+                    std::borrow::Cow::Borrowed(_) => Some(std::borrow::Cow::Borrowed(*v)),
+                    std::borrow::Cow::Owned(m) => {
+                        let mut o = Vec::with_capacity(m.len() + 1);
+                        o.push(version);
+                        o.extend_from_slice(&m);
+                        Some(std::borrow::Cow::Owned(o))
+                    }
+                },
+                None => Some(std::borrow::Cow::Borrowed(*v)),
+            },
+            Cell::Null(plan) => {
+                let _ = masker.mask_cell(plan, v, report);
+                None
+            }
+        };
+        if !matches!(&out, Some(std::borrow::Cow::Borrowed(_))) {
+            changed = true;
+        }
+        masked.push(out);
+    }
+    Ok(changed.then(|| DataRow::frame(&masked)))
+}
+
+/// Masks one CopyData message of a COPY TO STDOUT. `None` means unchanged.
+///
+/// Text format: fields split on tabs, `\N` is NULL; CSV: fields split on commas outside
+/// quotes. Binary: the header, then per row a field count and length-prefixed fields. A row
+/// whose layout does not match the described columns is masked by content as a whole
+/// (fail closed: never passed raw when masking applies).
+fn mask_copy_data(
+    masker: &Masker,
+    copy: &mut CopyMask,
+    data: &[u8],
+    report: &mut MaskReport,
+) -> Option<Vec<u8>> {
+    if copy.cells.is_empty() {
+        return match masker.mask_bytes(data, report) {
+            std::borrow::Cow::Borrowed(_) => None,
+            std::borrow::Cow::Owned(m) => Some(m),
+        };
+    }
+    if copy.binary {
+        return mask_copy_binary(masker, copy, data, report);
+    }
+    let (line, newline) = match data.strip_suffix(b"\n") {
+        Some(l) => (l, true),
+        None => (data, false),
+    };
+    let mut fields: Vec<&[u8]> = line.split(|&b| b == b'\t').collect();
+    let mut csv = false;
+    if fields.len() != copy.cells.len() {
+        match split_csv(line) {
+            Some(f) if f.len() == copy.cells.len() => {
+                fields = f;
+                csv = true;
+            }
+            _ => {
+                return match masker.mask_bytes(data, report) {
+                    std::borrow::Cow::Borrowed(_) => None,
+                    std::borrow::Cow::Owned(m) => Some(m),
+                };
+            }
+        }
+    }
+    let mut out = Vec::with_capacity(data.len() + 16);
+    let mut changed = false;
+    for (i, field) in fields.iter().enumerate() {
+        if i > 0 {
+            out.push(if csv { b',' } else { b'\t' });
+        }
+        let null = if csv {
+            field.is_empty()
+        } else {
+            *field == b"\\N"
+        };
+        let (quoted, value): (bool, std::borrow::Cow<'_, [u8]>) =
+            if csv && field.first() == Some(&b'"') {
+                let inner = &field[1..field.len().saturating_sub(1).max(1)];
+                (true, std::borrow::Cow::Owned(unquote_csv(inner)))
+            } else {
+                (false, std::borrow::Cow::Borrowed(*field))
+            };
+        let masked: Option<Vec<u8>> = if null {
+            None
+        } else {
+            match copy.cells[i] {
+                Cell::Pass => None,
+                Cell::Mask(plan) | Cell::Jsonb(plan) => {
+                    match masker.mask_cell(plan, &value, report) {
+                        std::borrow::Cow::Borrowed(_) => None,
+                        std::borrow::Cow::Owned(m) => Some(m),
+                    }
+                }
+                Cell::Null(plan) => {
+                    let _ = masker.mask_cell(plan, &value, report);
+                    Some(if csv { Vec::new() } else { b"\\N".to_vec() })
+                }
+            }
+        };
+        match masked {
+            Some(m) => {
+                changed = true;
+                if csv && !m.is_empty() {
+                    out.push(b'"');
+                    for &b in &m {
+                        if b == b'"' {
+                            out.push(b'"');
+                        }
+                        out.push(b);
+                    }
+                    out.push(b'"');
+                } else {
+                    out.extend_from_slice(&m);
+                }
+            }
+            None => {
+                let _ = quoted;
+                out.extend_from_slice(field);
+            }
+        }
+    }
+    if newline {
+        out.push(b'\n');
+    }
+    changed.then_some(out)
+}
+
+/// Splits a CSV line on commas outside double quotes; `None` on an unbalanced quote.
+fn split_csv(line: &[u8]) -> Option<Vec<&[u8]>> {
+    let mut fields = Vec::new();
+    let mut start = 0;
+    let mut quoted = false;
+    for (i, &b) in line.iter().enumerate() {
+        match b {
+            b'"' => quoted = !quoted,
+            b',' if !quoted => {
+                fields.push(&line[start..i]);
+                start = i + 1;
+            }
+            _ => {}
+        }
+    }
+    if quoted {
+        return None;
+    }
+    fields.push(&line[start..]);
+    Some(fields)
+}
+
+fn unquote_csv(inner: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(inner.len());
+    let mut i = 0;
+    while i < inner.len() {
+        out.push(inner[i]);
+        if inner[i] == b'"' && inner.get(i + 1) == Some(&b'"') {
+            i += 1;
+        }
+        i += 1;
+    }
+    out
+}
+
+const BINARY_COPY_SIGNATURE: &[u8] = b"PGCOPY\n\xff\r\n\0";
+
+fn mask_copy_binary(
+    masker: &Masker,
+    copy: &mut CopyMask,
+    data: &[u8],
+    report: &mut MaskReport,
+) -> Option<Vec<u8>> {
+    let mut c = agentgate_pgwire::Cursor::new(data, "CopyData");
+    let mut out = Vec::with_capacity(data.len() + 16);
+    if !copy.header_done {
+        let sig = c.bytes(BINARY_COPY_SIGNATURE.len()).ok()?;
+        if sig != BINARY_COPY_SIGNATURE {
+            return Some(Vec::new());
+        }
+        let flags = c.i32().ok()?;
+        let ext_len = c.u32().ok()?;
+        let ext = c.bytes(ext_len as usize).ok()?;
+        out.extend_from_slice(sig);
+        out.extend_from_slice(&flags.to_be_bytes());
+        out.extend_from_slice(&ext_len.to_be_bytes());
+        out.extend_from_slice(ext);
+        copy.header_done = true;
+    }
+    let mut changed = false;
+    while !c.is_empty() {
+        let count = match c.i16() {
+            Ok(n) => n,
+            Err(_) => return Some(Vec::new()),
+        };
+        out.extend_from_slice(&count.to_be_bytes());
+        if count < 0 {
+            continue; // trailer
+        }
+        for i in 0..count as usize {
+            let value = match c.value() {
+                Ok(v) => v,
+                // A row split across messages or malformed: never pass it raw.
+                Err(_) => return Some(Vec::new()),
+            };
+            let cell = copy
+                .cells
+                .get(i)
+                .copied()
+                .unwrap_or(Cell::Mask(CellPlan::CONTENT));
+            let masked = value.map(|v| match cell {
+                Cell::Pass => std::borrow::Cow::Borrowed(v),
+                Cell::Mask(plan) => masker.mask_cell(plan, v, report),
+                Cell::Jsonb(plan) => match v.split_first() {
+                    Some((&version, text)) => match masker.mask_cell(plan, text, report) {
+                        std::borrow::Cow::Borrowed(_) => std::borrow::Cow::Borrowed(v),
+                        std::borrow::Cow::Owned(m) => {
+                            let mut o = vec![version];
+                            o.extend_from_slice(&m);
+                            std::borrow::Cow::Owned(o)
+                        }
+                    },
+                    None => std::borrow::Cow::Borrowed(v),
+                },
+                Cell::Null(plan) => {
+                    let _ = masker.mask_cell(plan, v, report);
+                    std::borrow::Cow::Owned(Vec::new())
+                }
+            });
+            let null_now = matches!(cell, Cell::Null(_)) && value.is_some();
+            match (&masked, null_now) {
+                (_, true) | (None, _) => {
+                    if null_now {
+                        changed = true;
+                    }
+                    out.extend_from_slice(&(-1i32).to_be_bytes());
+                }
+                (Some(m), false) => {
+                    if matches!(m, std::borrow::Cow::Owned(_)) {
+                        changed = true;
+                    }
+                    out.extend_from_slice(&(m.len() as i32).to_be_bytes());
+                    out.extend_from_slice(m);
+                }
+            }
+        }
+    }
+    changed.then_some(out)
+}
+
+fn front_op(q: &mut VecDeque<Expect>) -> Option<&mut OpRecord> {
+    match q.front_mut()? {
+        Expect::Execute { op, .. } | Expect::FunctionCall { op } => Some(op),
+        Expect::Query { ops } => ops.front_mut(),
+        _ => None,
+    }
+}
+
+async fn on_server_frame(
+    ctx: &Context,
+    st: &mut UpstreamState,
+    frame: Frame,
+    out: &mut BytesMut,
+) -> Result<(), Stop> {
+    let lock_err = || Stop::quiet(EndReason::Error("internal state poisoned".into()));
+    match frame.tag() {
+        b'D' => {
+            if st.masking {
+                if st.cells.is_none() {
+                    let fields = current_fields(ctx, st).map_err(|_| lock_err())?;
+                    st.cells = Some(match fields {
+                        Shape::Known(fields, formats) => {
+                            plan_cells(ctx, &st.masker, &fields, formats.as_deref()).await
+                        }
+                        // Rows of a statement the server never described on this
+                        // connection: describe it on the proxy's own connection.
+                        Shape::Describe(sql, formats) => match ctx.catalog.describe(&sql).await {
+                            Ok(fields) => {
+                                plan_cells(ctx, &st.masker, &fields, formats.as_deref()).await
+                            }
+                            Err(e) => {
+                                tracing::warn!(error = %e, "cannot describe a statement's result; masking its rows by content");
+                                Vec::new()
+                            }
+                        },
+                        Shape::Unknown => Vec::new(),
+                    });
+                }
+                let mut report = MaskReport::new();
+                let cells = st.cells.as_deref().unwrap_or_default();
+                let replaced = mask_row(&st.masker, cells, &frame, &mut report)
+                    .map_err(|e| Stop::quiet(EndReason::Error(format!("upstream row: {e}"))))?;
+                let sent = replaced.as_ref().unwrap_or(&frame);
+                out.extend_from_slice(sent.raw());
+                let mut q = ctx.expect.lock().map_err(|_| lock_err())?;
+                if let Some(op) = front_op(&mut q) {
+                    op.bytes += sent.wire_len() as u64;
+                    op.masked.merge(&report);
+                }
+            } else {
+                out.extend_from_slice(frame.raw());
+                let mut q = ctx.expect.lock().map_err(|_| lock_err())?;
+                if let Some(op) = front_op(&mut q) {
+                    op.bytes += frame.wire_len() as u64;
+                }
+            }
+            return Ok(());
+        }
+        b'd' => {
+            // COPY TO STDOUT rows: masked by their columns' sources, learnt when the copy
+            // started (CopyOutResponse).
+            if st.masking {
+                let mut report = MaskReport::new();
+                let masked = match st.copy.as_mut() {
+                    Some(copy) => mask_copy_data(&st.masker, copy, frame.body(), &mut report),
+                    None => Some(st.masker.mask_bytes(frame.body(), &mut report).into_owned()),
+                };
+                let sent = match masked {
+                    Some(m) if m != frame.body() => Frame::new(b'd', &m),
+                    _ => frame.clone(),
+                };
+                out.extend_from_slice(sent.raw());
+                let mut q = ctx.expect.lock().map_err(|_| lock_err())?;
+                if let Some(op) = front_op(&mut q) {
+                    op.bytes += sent.wire_len() as u64;
+                    op.masked.merge(&report);
+                }
+            } else {
+                out.extend_from_slice(frame.raw());
+            }
+            return Ok(());
+        }
+        b'T' => {
+            let desc = RowDescription::parse(&frame)
+                .map_err(|e| Stop::quiet(EndReason::Error(format!("upstream: {e}"))))?;
+            let fields = Arc::new(desc.fields);
+            let described = {
+                let mut q = ctx.expect.lock().map_err(|_| lock_err())?;
+                match q.front() {
+                    Some(Expect::DescribeStatement(name)) => {
+                        let name = name.clone();
+                        q.pop_front();
+                        st.shapes.statements.insert(name, fields.clone());
+                        true
+                    }
+                    Some(Expect::DescribePortal(name)) => {
+                        let name = name.clone();
+                        q.pop_front();
+                        // The portal's statement has this shape too, for later Executes
+                        // that Bind it again without describing (JDBC does).
+                        if let Some((statement, _)) = st.shapes.bound.get(&name) {
+                            st.shapes
+                                .statements
+                                .insert(statement.clone(), fields.clone());
+                        }
+                        st.shapes.portals.insert(name, fields.clone());
+                        true
+                    }
+                    _ => false,
+                }
+            };
+            if !described {
+                // The shape of the result about to stream (simple query).
+                st.cells = if st.masking {
+                    Some(plan_cells(ctx, &st.masker, &fields, None).await)
+                } else {
+                    None
+                };
+            }
+        }
+        b'n' => {
+            let mut q = ctx.expect.lock().map_err(|_| lock_err())?;
+            if matches!(
+                q.front(),
+                Some(Expect::DescribeStatement(_) | Expect::DescribePortal(_))
+            ) {
+                q.pop_front();
+            }
+        }
+        b't' => {}
+        b'1' | b'3' => {
+            let mut q = ctx.expect.lock().map_err(|_| lock_err())?;
+            match q.pop_front() {
+                Some(Expect::Parse(name)) | Some(Expect::Close(Some(name))) => {
+                    st.shapes.statements.remove(&name);
+                }
+                _ => {}
+            }
+        }
+        b'2' => {
+            let mut q = ctx.expect.lock().map_err(|_| lock_err())?;
+            if let Some(Expect::Bind {
+                portal,
+                statement,
+                result_formats,
+            }) = q.pop_front()
+            {
+                st.shapes.portals.remove(&portal);
+                if st.shapes.bound.len() >= MAX_NAMED && !st.shapes.bound.contains_key(&portal) {
+                    st.shapes.bound.clear();
+                }
+                st.shapes.bound.insert(portal, (statement, result_formats));
+            }
+        }
+        b'C' | b'I' | b's' => {
+            let rows = if frame.tag() == b'C' {
+                CommandComplete::parse(&frame).ok().and_then(|c| c.rows())
+            } else {
+                None
+            };
+            st.cells = None;
+            let done = {
+                let mut q = ctx.expect.lock().map_err(|_| lock_err())?;
+                match q.front_mut() {
+                    Some(Expect::Execute { .. }) => match q.pop_front() {
+                        Some(Expect::Execute { op, .. }) => Some(*op),
+                        _ => None,
+                    },
+                    Some(Expect::Query { ops }) => {
+                        // A multi-statement Query completes statement by statement; its one
+                        // record ends at ReadyForQuery, with the rows of all of them.
+                        if let Some(op) = ops.front_mut() {
+                            op.rows += rows.unwrap_or(0);
+                        }
+                        None
+                    }
+                    _ => None,
+                }
+            };
+            if let Some(mut op) = done {
+                op.rows += rows.unwrap_or(0);
+                record(ctx, op, "ok").await?;
+            }
+        }
+        b'E' => {
+            let fields = ErrorFields::parse(&frame).unwrap_or_default();
+            let mut replace: Option<Frame> = None;
+            let mut finished: Vec<OpRecord> = Vec::new();
+            {
+                let mut q = ctx.expect.lock().map_err(|_| lock_err())?;
+                let simple = matches!(q.front(), Some(Expect::Query { .. }));
+                if let Some(op) = front_op(&mut q) {
+                    match &op.denial {
+                        Some(d) if fields.message.contains(&d.marker) => {
+                            replace = Some(d.error.clone());
+                            op.error = Some(format!("refused by agentgate: {}", op.reason));
+                        }
+                        _ => op.error = Some(format!("{}: {}", fields.code, fields.message)),
+                    }
+                }
+                if !simple {
+                    // Extended protocol: the server skips everything up to the next Sync.
+                    let mut first = true;
+                    while let Some(e) = q.front() {
+                        if matches!(e, Expect::Sync) {
+                            break;
+                        }
+                        match q.pop_front() {
+                            Some(Expect::Execute { mut op, .. })
+                            | Some(Expect::FunctionCall { mut op }) => {
+                                if !first {
+                                    op.skipped = true;
+                                }
+                                first = false;
+                                finished.push(*op);
+                            }
+                            _ => {}
+                        }
+                    }
+                }
+            }
+            for op in finished {
+                let status = if op.skipped { "skipped" } else { "error" };
+                record(ctx, op, status).await?;
+            }
+            st.cells = None;
+            let sent = replace.unwrap_or(frame);
+            out.extend_from_slice(sent.raw());
+            return Ok(());
+        }
+        b'Z' => {
+            st.cells = None;
+            let mut finished = Vec::new();
+            {
+                let mut q = ctx.expect.lock().map_err(|_| lock_err())?;
+                while let Some(e) = q.pop_front() {
+                    match e {
+                        Expect::Sync => break,
+                        Expect::Query { ops } => {
+                            finished.extend(ops);
+                            break;
+                        }
+                        Expect::FunctionCall { op } => {
+                            finished.push(*op);
+                            break;
+                        }
+                        Expect::Execute { mut op, .. } => {
+                            op.skipped = true;
+                            finished.push(*op);
+                        }
+                        _ => {}
+                    }
+                }
+            }
+            for op in finished {
+                let status = if op.error.is_some() {
+                    "error"
+                } else if op.skipped {
+                    "skipped"
+                } else {
+                    "ok"
+                };
+                record(ctx, op, status).await?;
+            }
+        }
+        b'H' if st.masking => {
+            st.cells = None;
+            let format = agentgate_pgwire::CopyResponse::parse(&frame)
+                .map_err(|e| Stop::quiet(EndReason::Error(format!("upstream: {e}"))))?;
+            let source = {
+                let mut q = ctx.expect.lock().map_err(|_| lock_err())?;
+                front_op(&mut q).and_then(|op| op.copy_source.clone())
+            };
+            let binary = format.format == 1;
+            let cells = match source {
+                Some(sql) => match ctx.catalog.describe(&sql).await {
+                    Ok(fields) => {
+                        let formats = vec![if binary { 1 } else { 0 }];
+                        plan_cells(ctx, &st.masker, &fields, Some(&formats)).await
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot describe the COPY source; masking its rows by content");
+                        Vec::new()
+                    }
+                },
+                None => Vec::new(),
+            };
+            st.copy = Some(CopyMask {
+                cells,
+                binary,
+                header_done: false,
+            });
+        }
+        b'c' => st.copy = None,
+        b'S' => {
+            // The classifier reads statements as UTF-8 with standard-conforming strings; a
+            // server reading them otherwise could run something else than what was decided.
+            let mut c = agentgate_pgwire::Cursor::new(frame.body(), "ParameterStatus");
+            if let (Ok(name), Ok(value)) = (c.cstr(), c.cstr()) {
+                let unsafe_setting = match name {
+                    "client_encoding" => !value.eq_ignore_ascii_case("UTF8"),
+                    "standard_conforming_strings" => value != "on",
+                    _ => false,
+                };
+                if unsafe_setting {
+                    let message = format!(
+                        "agentgate: the server now uses {name} = {value}, under which statements would not be read as they were checked; the session is ended"
+                    );
+                    return Err(Stop {
+                        notify: Some(build::error(
+                            "FATAL",
+                            agentgate_pgwire::FEATURE_NOT_SUPPORTED,
+                            &message,
+                            None,
+                        )),
+                        reason: EndReason::Error(message),
+                    });
+                }
+            }
+        }
+        b'H' | b'G' | b'W' => {
+            st.cells = None;
+        }
+        _ => {}
+    }
+    out.extend_from_slice(frame.raw());
+    Ok(())
+}
+
+/// What the proxy knows of the rows an Execute streams.
+enum Shape {
+    /// Described by the server on this connection (with Bind's formats, if they apply).
+    Known(Arc<Vec<FieldDescription>>, Option<Vec<i16>>),
+    /// Not described: the statement's text, to describe, and Bind's formats.
+    Describe(Arc<str>, Option<Vec<i16>>),
+    /// Nothing to go on (no Execute at the front).
+    Unknown,
+}
+
+/// The result shape of the Execute at the front: the portal's own description, else its
+/// statement's with Bind's result formats, else the statement's text to describe.
+fn current_fields(ctx: &Context, st: &UpstreamState) -> Result<Shape, ()> {
+    let q = ctx.expect.lock().map_err(|_| ())?;
+    let Some(Expect::Execute { portal, sql, .. }) = q.front() else {
+        return Ok(Shape::Unknown);
+    };
+    if let Some(f) = st.shapes.portals.get(portal) {
+        return Ok(Shape::Known(f.clone(), None));
+    }
+    let bound = st.shapes.bound.get(portal);
+    let formats = bound.map(|(_, f)| f.clone());
+    if let Some(f) = bound.and_then(|(statement, _)| st.shapes.statements.get(statement)) {
+        return Ok(Shape::Known(f.clone(), formats));
+    }
+    Ok(match sql {
+        Some(sql) => Shape::Describe(sql.clone(), formats),
+        None => Shape::Unknown,
+    })
+}
+
+async fn record(ctx: &Context, op: OpRecord, status: &str) -> Result<(), Stop> {
+    let decision = agentgate_policy::LocalDecision {
+        decision: op.decision,
+        rule: None,
+        reason: op.reason.clone(),
+    };
+    let mut event = OperationEvent::new(op.operation, &decision);
+    event.approval_id = op.approval_id.unwrap_or_default();
+    event.parameters = op.parameters;
+    event.started_at = op.started_at;
+    event.duration = op.started.elapsed();
+    event.rows = op.rows;
+    event.bytes = op.bytes;
+    event.status = status.to_owned();
+    event.error = op.error.unwrap_or_default();
+    event.masked = op.masked;
+    ctx.session
+        .record_operation(event)
+        .await
+        .map_err(|e| Stop::quiet(EndReason::RecordingFailed(e.to_string())))
+}
