@@ -9,7 +9,7 @@
 #   builder      compiles the whole workspace in release (every `agentgate*` binary at once)
 #   runtime      the common base of every image: Debian slim, CA certificates, a non-root user,
 #                /var/lib/agentgate for data, /etc/agentgate for configuration
-#   audit-store  agentgate-audit-store
+#   audit-store  agentgate-audit-store (authz, approvals, pg-proxy likewise)
 #   agentgate    the `agentgate` CLI (`agentgate up` runs every service in one process)
 #
 # Adding a service (authz, approvals, pg-proxy, ...): its binary `agentgate-<name>` is already
@@ -101,7 +101,15 @@ COPY --from=builder /out/agentgate-approvals /usr/local/bin/agentgate-approvals
 EXPOSE 7405 9464
 ENTRYPOINT ["/usr/local/bin/agentgate-approvals"]
 
-# Later services (the proxies) follow the same pattern.
+# ---------------------------------------------------------------------------------------------
+FROM runtime AS pg-proxy
+COPY --from=builder /out/agentgate-pg-proxy /usr/local/bin/agentgate-pg-proxy
+# 6432: Postgres for agents (set pg_proxy.listen = "0.0.0.0:6432" in a container, with
+# pg_proxy.tls for agents off the host); 9464: /metrics.
+EXPOSE 6432 9464
+ENTRYPOINT ["/usr/local/bin/agentgate-pg-proxy"]
+
+# Later proxies follow the same pattern.
 
 # ---------------------------------------------------------------------------------------------
 # The CLI: operator commands (`agentgate audit verify BUNDLE`, `agentgate dev certs`, ...) and
