@@ -1,0 +1,884 @@
+//! pg-proxy: `pgbench -S` through pg-proxy, side by side with Postgres directly and with
+//! pgbouncer (session pooling), in one run on the same machine.
+//!
+//! Starts a private PostgreSQL cluster through the integration-test harness (initdb, SCRAM),
+//! creates a login role `bench` owning database `bench` and initialises it with
+//! `pgbench -i -s <scale>`; starts pgbouncer (`pool_mode = session`, SCRAM for clients and
+//! for the server; as the `postgres` user under root, since pgbouncer refuses to run as
+//! root); and starts agentgate in this process as `agentgate up` would: the audit store
+//! (Postgres backend by default, on a second private cluster), authz with connection
+//! `benchdb` and a Cedar policy that lets group `agents` connect as role `read`, allows every
+//! statement and carries masking rules (a column rule on `public.pgbench_accounts.filler`
+//! and the `email` detector), approvals, and pg-proxy with its recorder. Every statement
+//! through the proxy is classified, decided by the session's policy, its result masked, and
+//! recorded (spooled, then shipped to the audit store).
+//!
+//! Then, for every `--modes` × `--clients`, it runs
+//! `pgbench -n -S -T <duration> -c N -j min(N,2) -M <mode>` against the three targets in
+//! turn (direct, pgbouncer, pg-proxy: interleaved, so drift of the machine hits all three
+//! alike) and prints TPS, the ratios, and the latency each middle layer adds per query
+//! (pgbench's average latency minus the direct one). For the two middle layers it also
+//! prints the CPU time they used per query (pgbouncer's process; this whole process for
+//! agentgate, which holds the proxy, authz, approvals, the recorder and the audit store).
+//!
+//! Recording ships behind the statements (spool, then batches to the audit store), so after
+//! each pg-proxy run the bench waits until the audit store holds every statement sent through
+//! the proxy so far, prints how long that took, and only then starts the next run: no run
+//! pays for shipping an earlier one's events. pg-proxy's CPU per query counts until then, so
+//! it is the whole cost of a query: relay, classification, policy, masking and recording.
+//!
+//! `cargo run --release -p agentgate-bench --bin pg-proxy -- --duration 10`
+
+use std::net::{SocketAddr, TcpStream};
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use agentgate_authz::{AuthzConfig, ConnectionConfig, RunningAuthz, UpstreamConfig};
+use agentgate_identity::{LateAuthenticator, TokenRequest};
+use agentgate_integration_tests::{AuditStoreFixture, Backend, Postgres, free_port};
+use agentgate_proto::common::v1::PrincipalKind;
+use anyhow::{Context as _, bail, ensure};
+use clap::{Parser, ValueEnum};
+use sqlx::Connection as _;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Mode {
+    Simple,
+    Extended,
+    Prepared,
+}
+
+impl Mode {
+    fn name(self) -> &'static str {
+        match self {
+            Mode::Simple => "simple",
+            Mode::Extended => "extended",
+            Mode::Prepared => "prepared",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum TargetKind {
+    Direct,
+    Pgbouncer,
+    PgProxy,
+}
+
+impl TargetKind {
+    fn name(self) -> &'static str {
+        match self {
+            TargetKind::Direct => "direct",
+            TargetKind::Pgbouncer => "pgbouncer",
+            TargetKind::PgProxy => "pg-proxy",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum AuditBackend {
+    Postgres,
+    Sqlite,
+}
+
+/// pgbench -S directly, through pgbouncer and through pg-proxy; TPS, ratios, added latency.
+#[derive(Debug, Parser)]
+#[command(name = "pg-proxy")]
+struct Args {
+    /// Seconds each pgbench run measures (`pgbench -T`).
+    #[arg(long, default_value_t = 10)]
+    duration: u64,
+    /// Client counts (`pgbench -c`), comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "1,8,32")]
+    clients: Vec<usize>,
+    /// Query modes (`pgbench -M`), comma-separated.
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "simple,extended,prepared"
+    )]
+    modes: Vec<Mode>,
+    /// Targets measured, comma-separated (the ratios need all three).
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "direct,pgbouncer,pg-proxy"
+    )]
+    targets: Vec<TargetKind>,
+    /// pgbench scale factor (`pgbench -i -s`): 100,000 accounts per unit.
+    #[arg(long, default_value_t = 10)]
+    scale: u32,
+    /// Runs of each cell; the table shows the run with the median TPS.
+    #[arg(long, default_value_t = 1)]
+    rounds: usize,
+    /// Seconds of pgbench against each target before measuring (caches, connections).
+    #[arg(long, default_value_t = 3)]
+    warmup: u64,
+    /// The audit store's database.
+    #[arg(long, value_enum, default_value = "postgres")]
+    audit_backend: AuditBackend,
+    /// The pgbouncer executable.
+    #[arg(long, default_value = "pgbouncer")]
+    pgbouncer: String,
+}
+
+const POLICY: &str = r#"
+@id("bench-connect")
+permit (principal in Agentgate::Group::"agents", action == Agentgate::Action::"connect", resource == Agentgate::Connection::"benchdb")
+when { context.role == "read" };
+
+@id("execute-all")
+permit (principal, action == Agentgate::Action::"execute", resource);
+
+@id("filler")
+@mask("column:public.pgbench_accounts.filler")
+@strategy("redact")
+forbid (principal, action == Agentgate::Action::"read_unmasked", resource);
+
+@id("emails")
+@mask("detector:email")
+@strategy("redact")
+forbid (principal, action == Agentgate::Action::"read_unmasked", resource);
+"#;
+
+/// The database role pgbench uses directly and through pgbouncer, and pg-proxy upstream.
+const DB_USER: &str = "bench";
+const DB_NAME: &str = "bench";
+/// The catalog connection and role agents name through pg-proxy.
+const CONNECTION: &str = "benchdb";
+const ROLE: &str = "read";
+
+/// Where and how pgbench connects.
+struct Endpoint {
+    port: u16,
+    user: String,
+    dbname: String,
+    password: String,
+}
+
+/// One row of the table: a mode and client count, and each target's (median) run.
+type Row = (Mode, usize, Vec<(TargetKind, Run)>);
+
+/// What one pgbench run measured.
+#[derive(Debug, Clone, Copy)]
+struct Run {
+    tps: f64,
+    latency_ms: f64,
+    transactions: u64,
+    /// CPU seconds of the middle layer during the run, when known (for pg-proxy, until the
+    /// audit store has caught up: recording's whole cost).
+    cpu: Option<f64>,
+    /// pg-proxy: seconds after pgbench ended until the audit store held every statement.
+    catch_up: Option<f64>,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    ensure!(args.duration > 0, "--duration must be positive");
+    ensure!(
+        !args.clients.is_empty() && args.clients.iter().all(|&c| c > 0),
+        "--clients must be positive numbers"
+    );
+    ensure!(args.rounds > 0, "--rounds must be positive");
+    agentgate_tls::install_crypto_provider();
+
+    let max_clients = args.clients.iter().copied().max().unwrap_or(1);
+    eprintln!(
+        "starting Postgres and initialising pgbench (scale {})",
+        args.scale
+    );
+    let pg = Postgres::start()?;
+    let password = format!("pw-{}", uuid::Uuid::new_v4().simple());
+    psql(
+        &pg.url("postgres"),
+        &format!("CREATE ROLE {DB_USER} LOGIN PASSWORD '{password}'"),
+    )?;
+    psql(
+        &pg.url("postgres"),
+        &format!("CREATE DATABASE {DB_NAME} OWNER {DB_USER}"),
+    )?;
+    let init = Command::new("pgbench")
+        .args(["-i", "-q", "-s", &args.scale.to_string()])
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &pg.port.to_string(),
+            "-U",
+            DB_USER,
+            DB_NAME,
+        ])
+        .env("PGPASSWORD", &password)
+        .stdin(Stdio::null())
+        .output()
+        .context("running pgbench -i (is postgresql-client installed?)")?;
+    check(&init, "pgbench -i")?;
+
+    let dir = tempfile::Builder::new()
+        .prefix("agentgate-bench-")
+        .tempdir()?;
+    let bouncer = if args.targets.contains(&TargetKind::Pgbouncer) {
+        eprintln!("starting pgbouncer");
+        Some(Pgbouncer::start(
+            &args.pgbouncer,
+            pg.port,
+            &password,
+            max_clients,
+        )?)
+    } else {
+        None
+    };
+    eprintln!(
+        "starting the agentgate stack (audit store on {:?})",
+        args.audit_backend
+    );
+    let stack = Stack::start(&args, &pg, &password, dir.path()).await?;
+
+    let direct = Endpoint {
+        port: pg.port,
+        user: DB_USER.into(),
+        dbname: DB_NAME.into(),
+        password: password.clone(),
+    };
+    let pooled = bouncer.as_ref().map(|b| Endpoint {
+        port: b.port,
+        user: DB_USER.into(),
+        dbname: DB_NAME.into(),
+        password: password.clone(),
+    });
+    let proxied = Endpoint {
+        port: stack.proxy.addr.port(),
+        user: ROLE.into(),
+        dbname: CONNECTION.into(),
+        password: stack.agent_token.clone(),
+    };
+    tokio::task::block_in_place(|| stack.check_masking(&proxied))?;
+
+    let endpoint = |t: TargetKind| -> Option<&Endpoint> {
+        match t {
+            TargetKind::Direct => Some(&direct),
+            TargetKind::Pgbouncer => pooled.as_ref(),
+            TargetKind::PgProxy => Some(&proxied),
+        }
+    };
+    let cpu_of = |t: TargetKind| -> Option<f64> {
+        match t {
+            TargetKind::Direct => None,
+            TargetKind::Pgbouncer => bouncer.as_ref().and_then(|b| process_cpu(b.pid)),
+            TargetKind::PgProxy => process_cpu(std::process::id()),
+        }
+    };
+
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    eprintln!("load average before: {}", load.trim());
+    // Statements sent through pg-proxy, each of which must end up in the audit store: the two
+    // of the masking check, then every pgbench transaction (one SELECT each).
+    let mut proxy_statements = 2u64;
+    if args.warmup > 0 {
+        for &t in &args.targets {
+            if let Some(e) = endpoint(t) {
+                eprintln!("warm-up: {} ({} s)", t.name(), args.warmup);
+                let run = pgbench(e, Mode::Prepared, max_clients.min(8), args.warmup).await?;
+                if t == TargetKind::PgProxy {
+                    proxy_statements += run.transactions;
+                    stack.catch_up(proxy_statements).await?;
+                }
+            }
+        }
+    }
+
+    let mut rows: Vec<Row> = Vec::new();
+    let started = Instant::now();
+    for &mode in &args.modes {
+        for &clients in &args.clients {
+            let mut rounds: Vec<Vec<(TargetKind, Run)>> = vec![Vec::new(); args.targets.len()];
+            for _ in 0..args.rounds {
+                for (i, &t) in args.targets.iter().enumerate() {
+                    let Some(e) = endpoint(t) else { continue };
+                    let cpu_before = cpu_of(t);
+                    let mut run = pgbench(e, mode, clients, args.duration).await?;
+                    if t == TargetKind::PgProxy {
+                        // Recording ships behind the statements: the next run starts only
+                        // when the store has caught up, so it does not pay for this one.
+                        proxy_statements += run.transactions;
+                        run.catch_up = Some(stack.catch_up(proxy_statements).await?);
+                    }
+                    run.cpu = match (cpu_before, cpu_of(t)) {
+                        (Some(a), Some(b)) => Some(b - a),
+                        _ => None,
+                    };
+                    eprintln!(
+                        "-M {:<8} -c {:>2}  {:<9}  {:>9.0} tps  {:.3} ms{}{}",
+                        mode.name(),
+                        clients,
+                        t.name(),
+                        run.tps,
+                        run.latency_ms,
+                        run.cpu
+                            .map(|c| format!(
+                                "  {:.1} µs CPU/query",
+                                c * 1e6 / run.transactions.max(1) as f64
+                            ))
+                            .unwrap_or_default(),
+                        run.catch_up
+                            .map(|c| format!("  audit store caught up {c:.1} s later"))
+                            .unwrap_or_default()
+                    );
+                    rounds[i].push((t, run));
+                }
+            }
+            let medians = rounds
+                .into_iter()
+                .filter_map(|mut r| {
+                    r.sort_by(|a, b| a.1.tps.total_cmp(&b.1.tps));
+                    r.get(r.len() / 2).copied()
+                })
+                .collect();
+            rows.push((mode, clients, medians));
+        }
+    }
+    let wall = started.elapsed();
+
+    let stored = stack.stored_events().await?;
+
+    print_report(&args, &rows, &load, wall, bouncer.as_ref());
+    println!();
+    if args.targets.contains(&TargetKind::PgProxy) {
+        println!(
+            "Audit store ({:?}): {stored} session.query events stored for {proxy_statements} statements sent through pg-proxy (warm-up included).",
+            args.audit_backend
+        );
+        ensure!(
+            stored >= proxy_statements,
+            "the audit store holds fewer query events than statements ran through the proxy"
+        );
+    }
+    drop(bouncer);
+    stack.shutdown().await;
+    Ok(())
+}
+
+fn print_report(
+    args: &Args,
+    rows: &[Row],
+    load: &str,
+    wall: Duration,
+    bouncer: Option<&Pgbouncer>,
+) {
+    println!(
+        "pgbench -n -S -T {} -j min(c,2), scale {}, {} round(s) per cell (median TPS), {:.0} s in all",
+        args.duration,
+        args.scale,
+        args.rounds,
+        wall.as_secs_f64()
+    );
+    println!(
+        "machine: {} cores, {}; load average before: {}",
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(0),
+        cpu_model(),
+        load.trim()
+    );
+    println!(
+        "versions: {}; {}",
+        first_line(Command::new("pgbench").arg("--version").output().ok()),
+        bouncer
+            .map(|b| first_line(Command::new(&b.exe).arg("--version").output().ok()))
+            .unwrap_or_else(|| "pgbouncer not run".into())
+    );
+    println!();
+    println!(
+        "| mode | clients | direct TPS | pgbouncer TPS | pg-proxy TPS | proxy/pgbouncer | proxy/direct | added latency pgbouncer (ms) | added latency pg-proxy (ms) | CPU/query pgbouncer (µs) | CPU/query agentgate (µs) | audit store caught up after (s) |"
+    );
+    println!(
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+    );
+    for (mode, clients, runs) in rows {
+        let get = |t: TargetKind| runs.iter().find(|(k, _)| *k == t).map(|(_, r)| *r);
+        let (d, b, p) = (
+            get(TargetKind::Direct),
+            get(TargetKind::Pgbouncer),
+            get(TargetKind::PgProxy),
+        );
+        let tps = |r: Option<Run>| r.map(|r| group(r.tps)).unwrap_or_else(|| "–".into());
+        let ratio = |a: Option<Run>, b: Option<Run>| match (a, b) {
+            (Some(a), Some(b)) if b.tps > 0.0 => format!("{:.2}", a.tps / b.tps),
+            _ => "–".into(),
+        };
+        let added = |a: Option<Run>| match (a, d) {
+            (Some(a), Some(d)) => format!("{:+.3}", a.latency_ms - d.latency_ms),
+            _ => "–".into(),
+        };
+        let cpu = |r: Option<Run>| match r.and_then(|r| r.cpu.map(|c| (c, r.transactions))) {
+            Some((c, n)) if n > 0 => format!("{:.0}", c * 1e6 / n as f64),
+            _ => "–".into(),
+        };
+        let bold = match ratio(p, b).parse::<f64>() {
+            Ok(x) if x >= 1.0 => format!("**{}**", ratio(p, b)),
+            _ => ratio(p, b),
+        };
+        let caught_up = p
+            .and_then(|r| r.catch_up)
+            .map(|c| format!("{c:.1}"))
+            .unwrap_or_else(|| "–".into());
+        println!(
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            mode.name(),
+            clients,
+            tps(d),
+            tps(b),
+            tps(p),
+            bold,
+            ratio(p, d),
+            added(b),
+            added(p),
+            cpu(b),
+            cpu(p),
+            caught_up,
+        );
+    }
+}
+
+/// One pgbench run; TPS (without connection time) and average latency from its output.
+async fn pgbench(e: &Endpoint, mode: Mode, clients: usize, seconds: u64) -> anyhow::Result<Run> {
+    let mut cmd = tokio::process::Command::new("pgbench");
+    cmd.args(["-n", "-S", "-M", mode.name()])
+        .args(["-T", &seconds.to_string()])
+        .args(["-c", &clients.to_string()])
+        .args(["-j", &clients.min(2).to_string()])
+        .args(["-h", "127.0.0.1", "-p", &e.port.to_string()])
+        .args(["-U", &e.user, &e.dbname])
+        .env("PGPASSWORD", &e.password)
+        .env("PGSSLMODE", "disable")
+        .stdin(Stdio::null());
+    let out = cmd.output().await.context("running pgbench")?;
+    let what = format!("pgbench -M {} -c {clients} on port {}", mode.name(), e.port);
+    check(&out, &what)?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let field = |prefix: &str| -> Option<f64> {
+        text.lines()
+            .find_map(|l| l.trim().strip_prefix(prefix))
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|n| n.split('/').next())
+            .and_then(|n| n.parse().ok())
+    };
+    let tps = field("tps =").with_context(|| format!("{what}: no tps in\n{text}"))?;
+    let latency_ms =
+        field("latency average =").with_context(|| format!("{what}: no latency in\n{text}"))?;
+    let transactions = field("number of transactions actually processed:")
+        .with_context(|| format!("{what}: no transaction count in\n{text}"))?
+        as u64;
+    if let Some(failed) = field("number of failed transactions:") {
+        ensure!(
+            failed == 0.0,
+            "{what}: {failed} failed transactions\n{text}"
+        );
+    }
+    Ok(Run {
+        tps,
+        latency_ms,
+        transactions,
+        cpu: None,
+        catch_up: None,
+    })
+}
+
+fn psql(url: &str, sql: &str) -> anyhow::Result<String> {
+    let out = Command::new("psql")
+        .arg(url)
+        .args(["-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-c", sql])
+        .stdin(Stdio::null())
+        .output()
+        .context("running psql")?;
+    check(&out, "psql")?;
+    Ok(String::from_utf8_lossy(&out.stdout).trim_end().to_owned())
+}
+
+fn check(out: &Output, what: &str) -> anyhow::Result<()> {
+    if !out.status.success() {
+        bail!(
+            "{what} failed ({}): {}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------
+// pgbouncer
+
+/// pgbouncer in session pooling mode in front of the private cluster, stopped on drop.
+struct Pgbouncer {
+    port: u16,
+    pid: u32,
+    exe: String,
+    child: Child,
+    _dir: tempfile::TempDir,
+}
+
+impl Pgbouncer {
+    fn start(exe: &str, pg_port: u16, password: &str, clients: usize) -> anyhow::Result<Self> {
+        let dir = tempfile::Builder::new()
+            .prefix("agentgate-pgbouncer-")
+            .tempdir()?;
+        let port = free_port()?;
+        let d = dir.path().display();
+        // Enough server connections that no client ever waits for one.
+        let pool = clients.max(40);
+        let ini = format!(
+            "[databases]\n\
+             {DB_NAME} = host=127.0.0.1 port={pg_port} dbname={DB_NAME}\n\
+             [pgbouncer]\n\
+             listen_addr = 127.0.0.1\n\
+             listen_port = {port}\n\
+             unix_socket_dir =\n\
+             auth_type = scram-sha-256\n\
+             auth_file = {d}/userlist.txt\n\
+             pool_mode = session\n\
+             max_client_conn = {}\n\
+             default_pool_size = {pool}\n\
+             max_db_connections = 0\n\
+             logfile = {d}/pgbouncer.log\n\
+             pidfile = {d}/pgbouncer.pid\n\
+             ignore_startup_parameters = extra_float_digits\n",
+            (clients * 2).max(64),
+        );
+        std::fs::write(dir.path().join("pgbouncer.ini"), ini)?;
+        // The plain password: pgbouncer runs SCRAM with the client and with the server.
+        std::fs::write(
+            dir.path().join("userlist.txt"),
+            format!("\"{DB_USER}\" \"{password}\"\n"),
+        )?;
+        let root = Command::new("id")
+            .arg("-u")
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+            .unwrap_or(false);
+        let ini = dir.path().join("pgbouncer.ini");
+        let mut cmd = if root {
+            // pgbouncer refuses to run as root.
+            let status = Command::new("chown")
+                .arg("-R")
+                .arg("postgres:")
+                .arg(dir.path())
+                .status()?;
+            ensure!(status.success(), "chown postgres {}", dir.path().display());
+            let mut c = Command::new("runuser");
+            c.args(["-u", "postgres", "--", exe]);
+            c
+        } else {
+            Command::new(exe)
+        };
+        let child = cmd
+            .arg(&ini)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .with_context(|| {
+                format!("starting {exe} (install it: apt-get install -y pgbouncer)")
+            })?;
+        let mut bouncer = Pgbouncer {
+            port,
+            pid: 0,
+            exe: exe.to_owned(),
+            child,
+            _dir: dir,
+        };
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            if let Some(status) = bouncer.child.try_wait()? {
+                let log = std::fs::read_to_string(bouncer._dir.path().join("pgbouncer.log"))
+                    .unwrap_or_default();
+                bail!("pgbouncer exited ({status}): {log}");
+            }
+            let pid = std::fs::read_to_string(bouncer._dir.path().join("pgbouncer.pid"))
+                .ok()
+                .and_then(|p| p.trim().parse().ok());
+            if let Some(pid) = pid
+                && TcpStream::connect(SocketAddr::from(([127, 0, 0, 1], port))).is_ok()
+            {
+                bouncer.pid = pid;
+                return Ok(bouncer);
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "pgbouncer did not start listening"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for Pgbouncer {
+    fn drop(&mut self) {
+        // SIGTERM to pgbouncer itself (runuser, if any, then exits with it).
+        if self.pid != 0 {
+            let _ = Command::new("kill")
+                .args(["-TERM", &self.pid.to_string()])
+                .status();
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// utime + stime of a process, in seconds.
+fn process_cpu(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name (which may contain spaces) in parentheses.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let utime: f64 = f.get(11)?.parse().ok()?;
+    let stime: f64 = f.get(12)?.parse().ok()?;
+    Some((utime + stime) / clock_ticks())
+}
+
+fn clock_ticks() -> f64 {
+    Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
+        .unwrap_or(100.0)
+}
+
+fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|m| m.trim().to_owned())
+        })
+        .unwrap_or_else(|| "unknown CPU".into())
+}
+
+fn first_line(out: Option<Output>) -> String {
+    out.map(|o| {
+        String::from_utf8_lossy(&o.stdout)
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .to_owned()
+    })
+    .unwrap_or_default()
+}
+
+/// 12345.6 → "12,346".
+fn group(x: f64) -> String {
+    let n = x.round() as u64;
+    let s = n.to_string();
+    let mut out = String::new();
+    for (i, c) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+// ---------------------------------------------------------------------------------------
+// agentgate
+
+/// The audit store, authz, approvals and pg-proxy in this process, as `agentgate up` runs
+/// them.
+struct Stack {
+    audit: AuditStoreFixture,
+    authz: RunningAuthz,
+    approvals: agentgate_approvals::RunningApprovals,
+    proxy: agentgate_pg_proxy::RunningPgProxy,
+    agent_token: String,
+    /// (last chain sequence counted, session.query events up to it)
+    counted: std::sync::Mutex<(i64, u64)>,
+    _dir: tempfile::TempDir,
+}
+
+impl Stack {
+    async fn start(
+        args: &Args,
+        pg: &Postgres,
+        password: &str,
+        scratch: &Path,
+    ) -> anyhow::Result<Stack> {
+        // The store checks tokens with authz's authenticator, set once authz runs.
+        let late = std::sync::Arc::new(LateAuthenticator::new("authz is starting"));
+        let backend = match args.audit_backend {
+            AuditBackend::Postgres => Backend::Postgres,
+            AuditBackend::Sqlite => Backend::Sqlite,
+        };
+        let audit = AuditStoreFixture::start_with(backend, 1000, late.clone()).await?;
+        let dir = tempfile::Builder::new()
+            .prefix("agentgate-stack-")
+            .tempdir_in(scratch)?;
+        let policy = dir.path().join("policy.cedar");
+        std::fs::write(&policy, POLICY)?;
+        let secret = dir.path().join("bench.secret");
+        std::fs::write(&secret, format!("{password}\n"))?;
+        let approvals_port = free_port()?;
+        let config = AuthzConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], free_port()?)),
+            policy: Some(policy),
+            audit_url: Some(audit.endpoint()),
+            approvals_url: Some(format!("http://127.0.0.1:{approvals_port}")),
+            connections: vec![ConnectionConfig {
+                name: CONNECTION.into(),
+                protocol: "postgres".into(),
+                upstream: format!("127.0.0.1:{}", pg.port),
+                roles: [(
+                    ROLE.to_string(),
+                    UpstreamConfig {
+                        user: DB_USER.into(),
+                        secret: Some(format!("file:{}", secret.display())),
+                    },
+                )]
+                .into_iter()
+                .collect(),
+                settings: [("database".to_string(), DB_NAME.to_string())]
+                    .into_iter()
+                    .collect(),
+            }],
+            ..Default::default()
+        };
+        let authz = agentgate_authz::start(&config, dir.path()).await?;
+        late.set(authz.authenticator());
+        let approvals_config = agentgate_approvals::ApprovalsConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], approvals_port)),
+            require_reason: false,
+            audit: agentgate_approvals::config::AuditConfig {
+                endpoint: audit.endpoint(),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let approvals = agentgate_approvals::start(
+            &approvals_config,
+            dir.path(),
+            authz.authenticator(),
+            Some(authz.recorder_token_source("approvals")),
+            None,
+        )
+        .await?;
+        let service_token = authz.service_token("pg-proxy", Duration::from_secs(24 * 3600))?;
+        let token_file = dir.path().join("pg-proxy.token");
+        std::fs::write(&token_file, &service_token)?;
+        let proxy_config = agentgate_pg_proxy::PgProxyConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            authz_url: format!("http://{}", authz.addr),
+            approvals_url: format!("http://127.0.0.1:{approvals_port}"),
+            audit_url: audit.endpoint(),
+            service_token_file: Some(token_file),
+            ..Default::default()
+        };
+        let gateway = agentgate_pg_proxy::gateway_from_config(&proxy_config, dir.path()).await?;
+        let proxy = agentgate_pg_proxy::start(&proxy_config, gateway).await?;
+        let (agent_token, _) = authz.core.issuer.issue(&TokenRequest {
+            subject: "agent:bench".into(),
+            kind: PrincipalKind::Agent,
+            groups: vec!["agents".into()],
+            audience: Vec::new(),
+            ttl: Duration::from_secs(24 * 3600),
+        })?;
+        Ok(Stack {
+            audit,
+            authz,
+            approvals,
+            proxy,
+            agent_token,
+            counted: std::sync::Mutex::new((0, 0)),
+            _dir: dir,
+        })
+    }
+
+    /// Makes sure the masking rules are in force through the proxy (the column rule and the
+    /// detector), so the figures are those of a proxy that masks.
+    fn check_masking(&self, e: &Endpoint) -> anyhow::Result<()> {
+        let url = format!(
+            "host=127.0.0.1 port={} user={} dbname={} password={} sslmode=disable",
+            e.port, e.user, e.dbname, e.password
+        );
+        let filler = psql(&url, "SELECT filler FROM pgbench_accounts WHERE aid = 1")?;
+        ensure!(
+            !filler.trim().is_empty(),
+            "pgbench_accounts.filler came through unmasked: {filler:?}"
+        );
+        let email = psql(&url, "SELECT 'someone@example.com'::text")?;
+        ensure!(
+            !email.contains("someone@example.com"),
+            "an e-mail address came through unmasked: {email:?}"
+        );
+        eprintln!("masking is on: filler -> {filler:?}, e-mail -> {email:?}");
+        Ok(())
+    }
+
+    /// `session.query` events in the audit store.
+    async fn stored_events(&self) -> anyhow::Result<u64> {
+        // Counted incrementally over the chain (one writer appends in chain order), so that
+        // polling stays cheap as the log grows.
+        let (after, counted) = *self.counted.lock().unwrap_or_else(|p| p.into_inner());
+        let url = &self.audit.database_url;
+        let sql = |p: &str| {
+            format!(
+                "SELECT CAST(COALESCE(SUM(CASE WHEN kind = 'session.query' THEN 1 ELSE 0 END), 0) AS BIGINT), \
+                 COALESCE(MAX(chain_sequence), {p}) FROM audit_events WHERE chain_sequence > {p}"
+            )
+        };
+        let (n, last): (i64, i64) = if url.starts_with("sqlite://") {
+            let mut conn = sqlx::SqliteConnection::connect(url).await?;
+            sqlx::query_as(sqlx::AssertSqlSafe(sql("?1")))
+                .bind(after)
+                .fetch_one(&mut conn)
+                .await?
+        } else {
+            let mut conn = sqlx::PgConnection::connect(url).await?;
+            sqlx::query_as(sqlx::AssertSqlSafe(sql("$1")))
+                .bind(after)
+                .fetch_one(&mut conn)
+                .await?
+        };
+        let total = counted + n as u64;
+        *self.counted.lock().unwrap_or_else(|p| p.into_inner()) = (last, total);
+        Ok(total)
+    }
+
+    /// Waits until the audit store holds at least `statements` query events; returns how
+    /// long that took.
+    async fn catch_up(&self, statements: u64) -> anyhow::Result<f64> {
+        let started = Instant::now();
+        let deadline = started + Duration::from_secs(600);
+        loop {
+            if self.stored_events().await? >= statements {
+                return Ok(started.elapsed().as_secs_f64());
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "the audit store did not catch up with pg-proxy within 10 minutes"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    async fn shutdown(self) {
+        self.proxy.shutdown().await;
+        let _ = self.approvals.shutdown().await;
+        let _ = self.authz.shutdown().await;
+        let mut audit = self.audit;
+        let _ = audit.stop().await;
+    }
+}
