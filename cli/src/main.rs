@@ -8,6 +8,8 @@ mod audit;
 mod authz;
 mod client;
 mod dev;
+mod sessions;
+mod ssh;
 mod up;
 
 use std::path::PathBuf;
@@ -43,6 +45,12 @@ enum Command {
     Grants(authz::GrantsCommand),
     /// The connection catalog.
     Connections(authz::AuthzArgs),
+    /// SSH: a short-lived certificate for ssh-proxy.
+    #[command(subcommand)]
+    Ssh(ssh::SshCommand),
+    /// Session recordings: replay in the terminal, export as asciicast.
+    #[command(subcommand)]
+    Sessions(sessions::SessionsCommand),
     /// Development helpers.
     #[command(subcommand)]
     Dev(DevCommand),
@@ -77,6 +85,8 @@ fn main() {
             Command::Access(cmd) => authz::access(cmd).await,
             Command::Grants(cmd) => authz::grants(cmd).await,
             Command::Connections(args) => authz::connections(args).await,
+            Command::Ssh(cmd) => ssh::run(cmd).await,
+            Command::Sessions(cmd) => sessions::run(cmd).await,
             Command::Dev(DevCommand::Certs { dir, services }) => dev::certs(&dir, &services),
         }
     });

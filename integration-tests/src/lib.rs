@@ -5,6 +5,8 @@
 //! Nothing here is a stand-in: the Postgres is the machine's own PostgreSQL binaries, the
 //! services are the same code `agentgate up` runs.
 
+pub mod sshd;
+
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
