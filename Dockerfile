@@ -9,7 +9,7 @@
 #   builder      compiles the whole workspace in release (every `agentgate*` binary at once)
 #   runtime      the common base of every image: Debian slim, CA certificates, a non-root user,
 #                /var/lib/agentgate for data, /etc/agentgate for configuration
-#   audit-store  agentgate-audit-store (authz, approvals, pg-proxy likewise)
+#   audit-store  agentgate-audit-store (authz, approvals, pg-proxy, ssh-proxy likewise)
 #   agentgate    the `agentgate` CLI (`agentgate up` runs every service in one process)
 #
 # Adding a service (authz, approvals, pg-proxy, ...): its binary `agentgate-<name>` is already
@@ -66,10 +66,12 @@ RUN apt-get update \
 
 # A fixed uid/gid (10001), so Kubernetes `runAsUser`/`fsGroup` and volume ownership agree.
 # /var/lib/agentgate belongs to it: a fresh named volume mounted there inherits the owner.
+# /var/lib/agentgate-spool likewise: a proxy's own state (audit spool, host key, generated
+# certificate) when the shared data directory is mounted read-only (docker-compose).
 RUN groupadd --system --gid 10001 agentgate \
  && useradd --system --uid 10001 --gid agentgate --no-create-home \
         --home-dir /var/lib/agentgate --shell /usr/sbin/nologin agentgate \
- && install -d -o agentgate -g agentgate -m 0750 /var/lib/agentgate \
+ && install -d -o agentgate -g agentgate -m 0750 /var/lib/agentgate /var/lib/agentgate-spool \
  && install -d -m 0755 /etc/agentgate
 
 WORKDIR /var/lib/agentgate
@@ -108,6 +110,15 @@ COPY --from=builder /out/agentgate-pg-proxy /usr/local/bin/agentgate-pg-proxy
 # pg_proxy.tls for agents off the host); 9464: /metrics.
 EXPOSE 6432 9464
 ENTRYPOINT ["/usr/local/bin/agentgate-pg-proxy"]
+
+# ---------------------------------------------------------------------------------------------
+FROM runtime AS ssh-proxy
+COPY --from=builder /out/agentgate-ssh-proxy /usr/local/bin/agentgate-ssh-proxy
+# 2222: SSH for agents (set ssh_proxy.listen = "0.0.0.0:2222" in a container); its host key
+# is generated once in /var/lib/agentgate (ssh-proxy-host-key) unless ssh_proxy.host_key
+# names one; 9464: /metrics.
+EXPOSE 2222 9464
+ENTRYPOINT ["/usr/local/bin/agentgate-ssh-proxy"]
 
 # Later proxies follow the same pattern.
 

@@ -49,6 +49,37 @@ struct Args {
     /// (chacha20-poly1305).
     #[arg(long)]
     cipher: Option<String>,
+    /// What the command prints: `zero` (`head -c N /dev/zero`: nothing for a detector to
+    /// start on) or `text` (log-like lines with digits, colons and `@`, which the masking
+    /// scan must look at, from `yes … | head -c N`).
+    #[arg(long, default_value = "zero")]
+    source: String,
+    /// The ciphers the proxy offers agents (`ssh_proxy.agent_ciphers`, comma-separated);
+    /// default the proxy's default list. The agent's client picks the first of its own list
+    /// that is offered, so only leaving a cipher out changes what is negotiated.
+    #[arg(long)]
+    agent_ciphers: Option<String>,
+}
+
+/// The 1-, 5- and 15-minute load averages.
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|_| "unknown".into())
+}
+
+/// The cipher ssh negotiated server → client (from `ssh -v`'s `kex:` line).
+fn negotiated_cipher(mut cmd: Command) -> String {
+    let Ok(out) = cmd.stdout(Stdio::null()).stdin(Stdio::null()).output() else {
+        return "unknown".into();
+    };
+    String::from_utf8_lossy(&out.stderr)
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("debug1: kex: server->client cipher: ")
+                .map(|r| r.split_whitespace().next().unwrap_or("").to_owned())
+        })
+        .unwrap_or_else(|| "unknown".into())
 }
 
 const POLICY: &str = r#"
@@ -224,11 +255,21 @@ async fn main() -> anyhow::Result<()> {
     std::fs::write(
         &proxy_config,
         format!(
-            "data_dir = {data:?}\n[ssh_proxy]\nlisten = \"127.0.0.1:{port}\"\nauthz_url = \"http://{authz}\"\naudit_url = {audit:?}\napprovals_url = \"http://127.0.0.1:1\"\nservice_token_file = {token:?}\n",
+            "data_dir = {data:?}\n[ssh_proxy]\nlisten = \"127.0.0.1:{port}\"\nauthz_url = \"http://{authz}\"\naudit_url = {audit:?}\napprovals_url = \"http://127.0.0.1:1\"\nservice_token_file = {token:?}\n{ciphers}",
             data = dir.path().display().to_string(),
             authz = authz.addr,
             audit = audit.endpoint(),
             token = token_file.display().to_string(),
+            ciphers = match &args.agent_ciphers {
+                Some(list) => format!(
+                    "agent_ciphers = [{}]\n",
+                    list.split(',')
+                        .map(|c| format!("{:?}", c.trim()))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+                None => String::new(),
+            },
         ),
     )?;
     let proxy = Proxy(
@@ -277,29 +318,45 @@ async fn main() -> anyhow::Result<()> {
     let cert_path = keys.join("agent-cert.pub");
     std::fs::write(&cert_path, cert.certificate)?;
 
-    let command = format!("head -c {bytes} /dev/zero");
-    let direct = || {
+    let command = match args.source.as_str() {
+        "zero" => format!("head -c {bytes} /dev/zero"),
+        "text" => format!(
+            "yes '2026-11-26T12:00:00.123Z INFO req=4f2a9c user=42 path=/api/v1/items?id=1234 took 12 ms from 10.1.2.3:5678' | head -c {bytes}"
+        ),
+        other => bail!("--source {other}: zero or text"),
+    };
+    let direct_to = |remote: &str, verbose: bool| {
         let mut c = ssh_base(&known_hosts, args.cipher.as_deref());
+        if verbose {
+            c.arg("-v");
+        }
         c.arg("-i")
             .arg(&upstream_key)
             .args(["-p", &sshd.port.to_string()])
             .arg(format!("{}@127.0.0.1", sshd.user))
-            .arg(&command);
+            .arg(remote);
         c
     };
-    let proxied = || {
+    let proxied_to = |remote: &str, verbose: bool| {
         let mut c = ssh_base(&known_hosts, args.cipher.as_deref());
+        if verbose {
+            c.arg("-v");
+        }
         c.arg("-i")
             .arg(&agent_key)
             .arg("-o")
             .arg(format!("CertificateFile={}", cert_path.display()))
             .args(["-p", &port.to_string(), "read+bench@127.0.0.1"])
-            .arg(&command);
+            .arg(remote);
         c
     };
+    let direct = || direct_to(&command, false);
+    let proxied = || proxied_to(&command, false);
     // Warm up both paths (and check they work).
     timed(&mut direct())?;
     timed(&mut proxied())?;
+    let direct_cipher = negotiated_cipher(direct_to("true", true));
+    let agent_cipher = negotiated_cipher(proxied_to("true", true));
     let mut d = Vec::new();
     let mut p = Vec::new();
     let mut proxy_cpu = 0.0;
@@ -309,9 +366,10 @@ async fn main() -> anyhow::Result<()> {
         let tp = timed(&mut proxied())?;
         proxy_cpu += cpu_seconds(proxy.0.id()).unwrap_or_default() - before;
         eprintln!(
-            "round {round}: direct {:.2}s, proxy {:.2}s",
+            "round {round}: direct {:.2}s, proxy {:.2}s (load average {})",
             td.as_secs_f64(),
-            tp.as_secs_f64()
+            tp.as_secs_f64(),
+            load_average()
         );
         d.push(td);
         p.push(tp);
@@ -339,9 +397,15 @@ async fn main() -> anyhow::Result<()> {
         mib / pm.as_secs_f64()
     );
     println!(
-        "\nagent cipher: {}",
-        args.cipher.as_deref().unwrap_or("OpenSSH default")
+        "\nagent cipher asked: {}; negotiated: direct {direct_cipher}, agent → proxy {agent_cipher}; source {}",
+        args.cipher.as_deref().unwrap_or("OpenSSH default"),
+        args.source
     );
+    println!(
+        "ratio proxy/direct (best throughput): {:.2}",
+        best(&d).as_secs_f64() / best(&p).as_secs_f64()
+    );
+    println!("load average at the end: {}", load_average());
     println!(
         "ratio proxy/direct (median throughput): {:.2}",
         dm.as_secs_f64() / pm.as_secs_f64()

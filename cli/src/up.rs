@@ -31,6 +31,7 @@ pub struct GatewayConfig {
     pub authz: agentgate_authz::AuthzConfig,
     pub approvals: agentgate_approvals::ApprovalsConfig,
     pub pg_proxy: agentgate_pg_proxy::PgProxyConfig,
+    pub ssh_proxy: agentgate_ssh_proxy::SshProxyConfig,
 }
 
 /// `$XDG_DATA_HOME/agentgate`, else `~/.local/share/agentgate`.
@@ -107,8 +108,8 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     )
     .await?;
 
-    // pg-proxy, with tokens authz signs itself: a service token for authz and approvals, and
-    // a renewing recorder token for the audit store.
+    // pg-proxy, with tokens authz signs itself and renews at half their lifetime: a service
+    // token for authz and approvals, and a recorder token for the audit store.
     let pg_proxy = if config.pg_proxy.enabled {
         let mut pg_config = config.pg_proxy.clone();
         let defaults = agentgate_pg_proxy::PgProxyConfig::default();
@@ -122,15 +123,37 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         if pg_config.audit_url == defaults.audit_url {
             pg_config.audit_url = audit_url.clone();
         }
-        let token = authz.service_token(&pg_config.name, PROXY_TOKEN_TTL)?;
-        let gateway = agentgate_pg_proxy::gateway(
-            &pg_config,
-            &data_dir,
-            &token,
-            authz.recorder_token_source(&pg_config.name),
-        )
-        .await?;
+        let credentials = agentgate_session::ServiceCredentials {
+            service: authz.service_token_source(&pg_config.name),
+            recorder: authz.recorder_token_source(&pg_config.name),
+        };
+        let gateway = agentgate_pg_proxy::gateway(&pg_config, &data_dir, credentials).await?;
         Some(agentgate_pg_proxy::start(&pg_config, gateway).await?)
+    } else {
+        None
+    };
+
+    // ssh-proxy likewise; its host key is generated once in the data directory
+    // (`ssh-proxy-host-key`) so that agents can pin it.
+    let ssh_proxy = if config.ssh_proxy.enabled {
+        let mut ssh_config = config.ssh_proxy.clone();
+        let defaults = agentgate_ssh_proxy::SshProxyConfig::default();
+        if ssh_config.authz_url == defaults.authz_url {
+            ssh_config.authz_url = format!("{}://{}", scheme(&authz_config.tls), authz.addr);
+        }
+        if ssh_config.approvals_url == defaults.approvals_url {
+            ssh_config.approvals_url =
+                format!("{}://{}", scheme(&approvals_config.tls), approvals.addr);
+        }
+        if ssh_config.audit_url == defaults.audit_url {
+            ssh_config.audit_url = audit_url.clone();
+        }
+        let credentials = agentgate_session::ServiceCredentials {
+            service: authz.service_token_source(&ssh_config.name),
+            recorder: authz.recorder_token_source(&ssh_config.name),
+        };
+        let gateway = agentgate_ssh_proxy::gateway(&ssh_config, &data_dir, credentials).await?;
+        Some(agentgate_ssh_proxy::start(&ssh_config, gateway, &data_dir).await?)
     } else {
         None
     };
@@ -167,6 +190,14 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
             p.addr
         );
     }
+    if let Some(p) = &ssh_proxy {
+        println!(
+            "  ssh-proxy    ssh -p {} ROLE+CONNECTION@{}  (certificate from `agentgate ssh cert`, or the token as password)",
+            p.addr.port(),
+            p.addr.ip()
+        );
+        println!("               host key {}", p.host_public_key);
+    }
     if let Some(m) = &metrics_server {
         println!("  metrics      http://{}/metrics", m.local_addr());
     }
@@ -183,6 +214,9 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     if let Some(p) = pg_proxy {
         p.shutdown().await;
     }
+    if let Some(p) = ssh_proxy {
+        p.shutdown().await;
+    }
     if let Some(m) = metrics_server {
         m.abort();
     }
@@ -192,10 +226,6 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     println!("stopped");
     Ok(())
 }
-
-/// How long the proxies' in-process service token for authz and approvals lives: the life of
-/// an `agentgate up` run, within reason. (Their audit-store token renews itself.)
-const PROXY_TOKEN_TTL: std::time::Duration = std::time::Duration::from_secs(30 * 24 * 3600);
 
 /// Ctrl-C, or SIGTERM as a service manager sends it.
 async fn shutdown_signal() -> anyhow::Result<()> {

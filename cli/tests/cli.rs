@@ -58,6 +58,7 @@ async fn up(dir: &Path) -> Up {
     let port = free_port().unwrap();
     let (authz_port, approvals_port) = (free_port().unwrap(), free_port().unwrap());
     let pg_port = free_port().unwrap();
+    let ssh_port = free_port().unwrap();
     let config = dir.join("agentgate.toml");
     std::fs::write(
         &config,
@@ -66,7 +67,8 @@ async fn up(dir: &Path) -> Up {
              [authz]\nlisten = \"127.0.0.1:{authz_port}\"\n[[authz.connections]]\nname = \"prod-db\"\n\
              protocol = \"postgres\"\nupstream = \"127.0.0.1:5432\"\nroles = {{ read = {{ user = \"agent_ro\" }} }}\n\
              [approvals]\nlisten = \"127.0.0.1:{approvals_port}\"\n\
-             [pg_proxy]\nlisten = \"127.0.0.1:{pg_port}\"\n",
+             [pg_proxy]\nlisten = \"127.0.0.1:{pg_port}\"\n\
+             [ssh_proxy]\nlisten = \"127.0.0.1:{ssh_port}\"\n",
             dir.join("data").display()
         ),
     )
@@ -96,6 +98,14 @@ async fn up(dir: &Path) -> Up {
             .any(|l| l.contains(&format!("127.0.0.1:{port}"))),
         "{seen:?}"
     );
+    // ssh-proxy is part of `up`, with its host key in the data directory.
+    assert!(
+        seen.iter()
+            .any(|l| l.contains(&format!("ssh -p {ssh_port} ROLE+CONNECTION@127.0.0.1"))),
+        "{seen:?}"
+    );
+    let host_key = std::fs::read_to_string(dir.join("data/ssh-proxy-host-key.pub")).unwrap();
+    assert!(seen.iter().any(|l| l.contains(host_key.trim())), "{seen:?}");
     // Keep reading stdout so the process never blocks on a full pipe.
     tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
     Up {

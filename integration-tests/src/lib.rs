@@ -5,6 +5,7 @@
 //! Nothing here is a stand-in: the Postgres is the machine's own PostgreSQL binaries, the
 //! services are the same code `agentgate up` runs.
 
+pub mod control_plane;
 pub mod sshd;
 
 use std::net::{SocketAddr, TcpListener};

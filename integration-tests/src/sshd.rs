@@ -37,12 +37,32 @@ pub fn keygen(path: &Path) -> anyhow::Result<()> {
 impl Sshd {
     /// Starts sshd in `dir/sshd`, trusting the public keys in `authorized`.
     pub fn start(dir: &Path, authorized: &str) -> anyhow::Result<Sshd> {
+        Sshd::start_with_ca(dir, authorized, None)
+    }
+
+    /// Starts sshd in `dir/sshd`, trusting the public keys in `authorized` and, when given,
+    /// user certificates signed by the CA whose public key is `user_ca` (`TrustedUserCAKeys`;
+    /// the certificate must name the current user as a principal). It accepts the
+    /// environment variables `LANG`, `LC_*` and `AGENTGATE_TEST_*` (so that a test can tell
+    /// the proxy's filter from sshd's), and allows TCP and agent forwarding.
+    pub fn start_with_ca(
+        dir: &Path,
+        authorized: &str,
+        user_ca: Option<&str>,
+    ) -> anyhow::Result<Sshd> {
         let dir = dir.join("sshd");
         std::fs::create_dir_all(&dir)?;
         // sshd insists on its privilege separation directory.
         let _ = std::fs::create_dir_all("/run/sshd");
         keygen(&dir.join("host_key"))?;
         std::fs::write(dir.join("authorized_keys"), authorized)?;
+        let ca_line = match user_ca {
+            Some(ca) => {
+                std::fs::write(dir.join("user_ca.pub"), ca)?;
+                format!("TrustedUserCAKeys {}/user_ca.pub\n", dir.display())
+            }
+            None => String::new(),
+        };
         let port = free_port()?;
         let user = String::from_utf8(Command::new("id").arg("-un").output()?.stdout)?
             .trim()
@@ -51,8 +71,8 @@ impl Sshd {
             "Port {port}\nListenAddress 127.0.0.1\nHostKey {d}/host_key\nPidFile {d}/sshd.pid\n\
              AuthorizedKeysFile {d}/authorized_keys\nStrictModes no\nPasswordAuthentication no\n\
              KbdInteractiveAuthentication no\nPubkeyAuthentication yes\nPermitRootLogin prohibit-password\n\
-             UsePAM no\nSubsystem sftp internal-sftp\nAcceptEnv LANG LC_*\nAllowTcpForwarding yes\n\
-             PrintMotd no\nLogLevel ERROR\n",
+             UsePAM no\nSubsystem sftp internal-sftp\nAcceptEnv LANG LC_* AGENTGATE_TEST_*\nAllowTcpForwarding yes\nAllowAgentForwarding yes\n\
+             PrintMotd no\nLogLevel ERROR\n{ca_line}",
             d = dir.display()
         );
         std::fs::write(dir.join("sshd_config"), config)?;

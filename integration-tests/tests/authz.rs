@@ -13,7 +13,8 @@ use agentgate_authz::{
     AuthzConfig, ConnectionConfig, OidcIssuerConfig, RunningAuthz, UpstreamConfig,
 };
 use agentgate_identity::{TokenRequest, key_id};
-use agentgate_integration_tests::{AuditStoreFixture, Backend, free_port};
+use agentgate_integration_tests::control_plane::ControlPlane;
+use agentgate_integration_tests::{AuditStoreFixture, free_port};
 use agentgate_proto::approvals::v1::approvals_client::ApprovalsClient;
 use agentgate_proto::approvals::v1::{ReviewRequest, Verdict};
 use agentgate_proto::audit::v1::audit_event::Detail;
@@ -71,6 +72,7 @@ struct Stack {
     approvals_url: String,
     _approvals: agentgate_approvals::RunningApprovals,
     dir: tempfile::TempDir,
+    _secrets: tempfile::TempDir,
     policy_path: std::path::PathBuf,
     proxy: AuthzClient,
     authz_url: String,
@@ -78,21 +80,9 @@ struct Stack {
 
 impl Stack {
     async fn start(oidc: Vec<OidcIssuerConfig>) -> Stack {
-        agentgate_tls::install_crypto_provider();
-        // The store checks tokens with authz's own authenticator, set once authz runs (as
-        // `agentgate up` wires it).
-        let authn = Arc::new(agentgate_identity::LateAuthenticator::new(
-            "authz is starting",
-        ));
-        let audit = AuditStoreFixture::start_with(Backend::Sqlite, 100, authn.clone())
-            .await
-            .unwrap();
         let dir = tempfile::tempdir().unwrap();
-        let policy_path = dir.path().join("policy.cedar");
-        std::fs::write(&policy_path, POLICY).unwrap();
         let secret = dir.path().join("ro.secret");
         std::fs::write(&secret, "s3cret-ro\n").unwrap();
-        let approvals_port = free_port().unwrap();
         let roles = [
             (
                 "read".to_string(),
@@ -109,40 +99,31 @@ impl Stack {
                 },
             ),
         ];
-        let config = AuthzConfig {
-            listen: SocketAddr::from(([127, 0, 0, 1], free_port().unwrap())),
-            policy: Some(policy_path.clone()),
-            policy_reload_interval: Duration::from_millis(200),
-            audit_url: Some(audit.endpoint()),
-            approvals_url: Some(format!("http://127.0.0.1:{approvals_port}")),
-            connections: ["prod-db", "other-db"]
-                .map(|name| ConnectionConfig {
-                    name: name.into(),
-                    protocol: "postgres".into(),
-                    upstream: "127.0.0.1:5432".into(),
-                    roles: roles.iter().cloned().collect(),
-                    settings: Default::default(),
-                })
-                .to_vec(),
-            oidc_issuers: oidc,
-            ..Default::default()
-        };
-        let authz = agentgate_authz::start(&config, dir.path()).await.unwrap();
-        authn.set(authz.authenticator());
-        let approvals_config = agentgate_approvals::ApprovalsConfig {
-            listen: SocketAddr::from(([127, 0, 0, 1], approvals_port)),
-            audit: agentgate_approvals::config::AuditConfig {
-                endpoint: audit.endpoint(),
-                ..Default::default()
+        let connections = ["prod-db", "other-db"]
+            .map(|name| ConnectionConfig {
+                name: name.into(),
+                protocol: "postgres".into(),
+                upstream: "127.0.0.1:5432".into(),
+                roles: roles.iter().cloned().collect(),
+                settings: Default::default(),
+            })
+            .to_vec();
+        let ControlPlane {
+            audit,
+            authz,
+            approvals,
+            dir: authz_dir,
+            policy_path,
+        } = ControlPlane::start(
+            POLICY,
+            connections,
+            |config| {
+                config.policy_reload_interval = Duration::from_millis(200);
+                config.oidc_issuers = oidc;
+                // A proxy beside authz (docker-compose) finds its token here.
+                config.service_tokens = vec!["pg-proxy".into()];
             },
-            ..Default::default()
-        };
-        let approvals = agentgate_approvals::start(
-            &approvals_config,
-            dir.path(),
-            authz.authenticator(),
-            Some(authz.recorder_token_source("approvals")),
-            None,
+            |approvals| approvals.require_reason = true,
         )
         .await
         .unwrap();
@@ -157,10 +138,11 @@ impl Stack {
         .unwrap();
         Stack {
             audit,
-            approvals_url: format!("http://127.0.0.1:{approvals_port}"),
+            approvals_url: format!("http://{}", approvals.addr),
             _approvals: approvals,
             authz,
-            dir,
+            dir: authz_dir,
+            _secrets: dir,
             policy_path,
             proxy,
             authz_url,
@@ -726,6 +708,81 @@ async fn central_authorize_agrees_with_local_evaluation() {
     for d in [Decision::Allow, Decision::Deny, Decision::NeedsApproval] {
         assert!(seen.contains(&(d as i32)), "{d:?} never decided");
     }
+}
+
+/// A proxy beside authz (docker-compose) presents the service token authz keeps in the shared
+/// data directory, read again on every call: a renewed file is used at once, a missing or
+/// wrong one refuses the agent (fail closed) instead of letting it in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxies_use_the_service_token_file_authz_renews() {
+    let s = Stack::start(vec![]).await;
+    let file = agentgate_authz::service_token_path(s.dir.path(), "pg-proxy");
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        let mode = std::fs::metadata(&file).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+    let claims = s
+        .authz
+        .core
+        .issuer
+        .verifier()
+        .verify(
+            std::fs::read_to_string(&file).unwrap().trim(),
+            Some("approvals"),
+        )
+        .unwrap();
+    assert_eq!(
+        (claims.sub.as_str(), claims.kind.as_str(), claims.aud.len()),
+        ("service:pg-proxy", "service", 0)
+    );
+
+    let proxy = AuthzClient::with_token_source(
+        &s.authz_url,
+        Arc::new(agentgate_identity::TokenFile::new(&file)),
+        None,
+    )
+    .unwrap();
+    let open = |proxy: AuthzClient, agent: String| async move {
+        proxy
+            .open_session(
+                Credential {
+                    kind: Some(Kind::Password(agent)),
+                },
+                "prod-db",
+                "read",
+                Protocol::Postgres,
+                "10.0.0.7:5000",
+                ClientInfo::default(),
+            )
+            .await
+    };
+    let agent = s.agent_token();
+    open(proxy.clone(), agent.clone()).await.unwrap();
+
+    // Renewed (here by hand, as authz does at half the lifetime): the next call uses it.
+    let renewed = s
+        .authz
+        .service_token("pg-proxy", Duration::from_secs(600))
+        .unwrap();
+    std::fs::write(&file, format!("{renewed}\n")).unwrap();
+    open(proxy.clone(), agent.clone()).await.unwrap();
+
+    // An agent's token in the file is not a service's: refused.
+    std::fs::write(&file, &agent).unwrap();
+    let refused = open(proxy.clone(), agent.clone()).await.unwrap_err();
+    assert!(
+        matches!(refused, Refused::Unauthenticated(_) | Refused::Denied(_)),
+        "{refused:?}"
+    );
+
+    // No file: nothing is asked, the agent is refused.
+    std::fs::remove_file(&file).unwrap();
+    let refused = open(proxy, agent).await.unwrap_err();
+    assert!(
+        matches!(&refused, Refused::Unavailable(m) if m.contains("no valid service token")),
+        "{refused:?}"
+    );
 }
 
 #[tokio::test]

@@ -564,6 +564,125 @@ async fn risky_statements_wait_for_approval_and_denials_abort_the_transaction() 
     );
 }
 
+/// The `session.query` records of a session, in order.
+fn query_records(events: &[AuditEvent]) -> Vec<agentgate_proto::audit::v1::OperationRecord> {
+    events
+        .iter()
+        .filter_map(|e| match &e.detail {
+            Some(Detail::Operation(op)) if e.kind == "session.query" => Some(op.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_statement_of_a_multi_statement_query_is_its_own_audit_event() {
+    let s = Stack::start().await;
+    let token = s.token("agent:multi", &["agents"], Duration::from_secs(600));
+    // psql -c sends the whole string as one Query message. The third statement fails, so the
+    // server never runs the fourth.
+    let out = s.psql(
+        &token,
+        "read",
+        &[
+            "-c",
+            "SELECT count(*) FROM customers WHERE id <= 3; SELECT id FROM customers WHERE id IN (1, 2); SELECT 1/0 AS multi_fails; SELECT 'multi never runs'",
+        ],
+    );
+    assert!(!out.status.success());
+    assert!(err(&out).contains("division by zero"), "{}", err(&out));
+    let events = s.events_of_session_with("multi_fails").await;
+    let sequences: Vec<u64> = events.iter().map(|e| e.sequence).collect();
+    assert_eq!(sequences, (1..=events.len() as u64).collect::<Vec<_>>());
+    let ops = query_records(&events);
+    let texts: Vec<String> = ops
+        .iter()
+        .map(|o| o.operation.as_ref().unwrap().text.trim().to_owned())
+        .collect();
+    assert_eq!(
+        texts,
+        [
+            "SELECT count(*) FROM customers WHERE id <= 3",
+            "SELECT id FROM customers WHERE id IN (1, 2)",
+            "SELECT 1/0 AS multi_fails",
+            "SELECT 'multi never runs'",
+        ]
+    );
+    let statuses: Vec<&str> = ops.iter().map(|o| o.status.as_str()).collect();
+    assert_eq!(statuses, ["ok", "ok", "error", "skipped"]);
+    let rows: Vec<u64> = ops.iter().map(|o| o.rows).collect();
+    assert_eq!(rows, [1, 2, 0, 0]);
+    assert!(
+        ops[2].error.contains("division by zero"),
+        "{}",
+        ops[2].error
+    );
+    for (i, op) in ops.iter().enumerate() {
+        let operation = op.operation.as_ref().unwrap();
+        assert_eq!(op.decision, Decision::Allow as i32);
+        assert_eq!(operation.action, "select", "{operation:?}");
+        assert_eq!(
+            operation.attributes.get("statement").map(String::as_str),
+            Some(format!("{}/4", i + 1).as_str())
+        );
+    }
+    assert!(
+        ops[0]
+            .operation
+            .as_ref()
+            .unwrap()
+            .targets
+            .iter()
+            .any(|t| t.contains("customers")),
+        "{:?}",
+        ops[0].operation
+    );
+    assert!(ops[3].operation.as_ref().unwrap().targets.is_empty());
+
+    // A Query with one refused statement runs none of them; each is recorded, classified
+    // on its own, with the Query's decision.
+    let out = s.psql(
+        &token,
+        "read",
+        &[
+            "-c",
+            "SELECT 'multi refused'; GRANT SELECT ON customers TO PUBLIC",
+        ],
+    );
+    assert!(!out.status.success());
+    assert!(err(&out).contains("agentgate"), "{}", err(&out));
+    let events = s.events_of_session_with("multi refused").await;
+    let ops = query_records(&events);
+    assert_eq!(ops.len(), 2, "{ops:?}");
+    assert!(ops.iter().all(|o| o.decision == Decision::Deny as i32));
+    assert_eq!(
+        ops[0].operation.as_ref().unwrap().text.trim(),
+        "SELECT 'multi refused'"
+    );
+    assert_eq!(ops[0].status, "error");
+    assert!(
+        ops[0].error.contains("refused by agentgate"),
+        "{}",
+        ops[0].error
+    );
+    let grant = ops[1].operation.as_ref().unwrap();
+    assert_eq!(grant.text.trim(), "GRANT SELECT ON customers TO PUBLIC");
+    assert!(
+        grant.risk_classes.contains(&"sql.dcl".to_string()),
+        "{grant:?}"
+    );
+    assert_eq!(ops[1].status, "skipped");
+    let out = s.psql(
+        &token,
+        "read",
+        &[
+            "-c",
+            "SELECT has_table_privilege('public', 'customers', 'SELECT')",
+        ],
+    );
+    assert_eq!(text(&out), "f", "the GRANT did not run: {}", err(&out));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pgbench_runs_in_every_query_mode() {
     let s = Stack::start().await;
@@ -853,4 +972,70 @@ public class Probe {
         .unwrap();
     assert!(out.status.success(), "{}\n{}", text(&out), err(&out));
     assert_eq!(text(&out), "count 50");
+}
+
+/// As in docker-compose: agents arrive through a port mapping rather than from loopback, so
+/// the token may only travel over TLS; pg-proxy answers SSLRequest with a certificate it
+/// created once (`generated_tls_dir`) and a client can verify it with the CA it wrote.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_with_a_generated_certificate_and_no_cleartext_token() {
+    let s = Stack::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let tls_dir = dir.path().join("tls");
+    let token_file = dir.path().join("service.token");
+    std::fs::write(
+        &token_file,
+        s.authz
+            .service_token("pg-proxy-tls", Duration::from_secs(600))
+            .unwrap(),
+    )
+    .unwrap();
+    let config = agentgate_pg_proxy::PgProxyConfig {
+        listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+        name: "pg-proxy-tls".into(),
+        generated_tls_dir: Some(tls_dir.clone()),
+        allow_cleartext_on_loopback: false,
+        authz_url: format!("http://{}", s.authz.addr),
+        approvals_url: format!("http://{}", s.approvals.addr),
+        audit_url: s.audit.endpoint(),
+        service_token_file: Some(token_file),
+        ..Default::default()
+    };
+    let gateway = agentgate_pg_proxy::gateway_from_config(&config, dir.path())
+        .await
+        .unwrap();
+    let proxy = agentgate_pg_proxy::start(&config, gateway).await.unwrap();
+    let token = s.token("agent:reader", &["agents"], Duration::from_secs(600));
+    let psql = |ssl: &str| {
+        Command::new("psql")
+            .arg(format!(
+                "host=127.0.0.1 port={} user=read dbname=appdb {ssl}",
+                proxy.addr.port()
+            ))
+            .args([
+                "-X",
+                "-q",
+                "-A",
+                "-t",
+                "-c",
+                "SELECT count(*) FROM customers",
+            ])
+            .env("PGPASSWORD", &token)
+            .env("PGCONNECT_TIMEOUT", "10")
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    };
+    let out = psql("sslmode=require");
+    assert!(out.status.success(), "{}", err(&out));
+    assert_eq!(text(&out), "50");
+    let ca = tls_dir.join("ca.pem");
+    let out = psql(&format!("sslmode=verify-ca sslrootcert={}", ca.display()));
+    assert!(out.status.success(), "{}", err(&out));
+    assert_eq!(text(&out), "50");
+    // Without TLS the token is not taken, even from loopback here.
+    let out = psql("sslmode=disable");
+    assert!(!out.status.success());
+    assert!(err(&out).contains("TLS"), "{}", err(&out));
+    proxy.shutdown().await;
 }

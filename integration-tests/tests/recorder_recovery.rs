@@ -1,5 +1,6 @@
 //! The recorder loses nothing and duplicates nothing when the audit store crashes mid-stream
-//! and the recording process is killed: both run as real processes and get SIGKILL.
+//! and the recording process is killed: both run as real processes and get SIGKILL, and the
+//! spool's last write is torn.
 
 #![allow(clippy::unwrap_used)]
 
@@ -104,6 +105,29 @@ async fn crash_and_recover(backend: Backend) {
     // Then the client process is killed too, with events spooled and unshipped.
     client.kill().await.unwrap();
     drop(lines);
+    // And its last write was cut short: half a frame at the end of the newest segment (a
+    // SIGKILL between write and fdatasync can leave one). Recovery cuts it; nothing that was
+    // reported recorded is in it.
+    let newest = std::fs::read_dir(&spool)
+        .unwrap()
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "seg"))
+        .max()
+        .expect("the spool has a segment");
+    {
+        use std::io::Write as _;
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&newest)
+            .unwrap();
+        // A frame header promising 200 bytes, then only 20 of them.
+        let mut torn = Vec::new();
+        torn.extend_from_slice(&200u32.to_le_bytes());
+        torn.extend_from_slice(&0xdead_beefu32.to_le_bytes());
+        torn.extend_from_slice(&u64::MAX.to_le_bytes());
+        torn.extend_from_slice(&[7u8; 20]);
+        f.write_all(&torn).unwrap();
+    }
 
     // Both come back: the store on the same database, a client on the same spool.
     let _store = start_store(dir.path(), &url, port).await;

@@ -28,6 +28,10 @@ const POLICY: &str = r#"
 permit (principal in Agentgate::Group::"agents", action == Agentgate::Action::"connect", resource == Agentgate::Connection::"web1")
 when { context.role == "ops" || context.role == "read" };
 
+@id("agents-web1cert")
+permit (principal in Agentgate::Group::"agents", action == Agentgate::Action::"connect", resource == Agentgate::Connection::"web1cert")
+when { context.role == "ops" };
+
 @id("agents-badhost")
 permit (principal in Agentgate::Group::"agents", action == Agentgate::Action::"connect", resource == Agentgate::Connection::"badhost");
 
@@ -81,11 +85,36 @@ impl Stack {
         // The connection's own key: the host trusts it, agents never see it.
         let upstream_key = keys.join("upstream");
         keygen(&upstream_key);
-        let sshd = Sshd::start(
+        // A user CA the host trusts, and a second connection key that the host knows only
+        // through its certificate from that CA.
+        let upstream_ca = keys.join("upstream_ca");
+        keygen(&upstream_ca);
+        let sshd = Sshd::start_with_ca(
             dir.path(),
             &std::fs::read_to_string(keys.join("upstream.pub")).unwrap(),
+            Some(&std::fs::read_to_string(upstream_ca.with_extension("pub")).unwrap()),
         )
         .unwrap();
+        let certified = keys.join("upstream_certified");
+        keygen(&certified);
+        let signed = Command::new("ssh-keygen")
+            .arg("-q")
+            .arg("-s")
+            .arg(&upstream_ca)
+            .args([
+                "-I",
+                "agentgate-web1cert",
+                "-n",
+                &sshd.user,
+                "-V",
+                "-5m:+1h",
+            ])
+            .arg(certified.with_extension("pub"))
+            .output()
+            .unwrap();
+        assert!(signed.status.success(), "{}", stderr(&signed));
+        let upstream_cert =
+            std::fs::read_to_string(keys.join("upstream_certified-cert.pub")).unwrap();
         let agent_key = keys.join("agent");
         keygen(&agent_key);
         let registered_key = keys.join("registered");
@@ -138,6 +167,29 @@ impl Stack {
                     .into_iter()
                     .collect(),
                     settings: settings(&format!("[127.0.0.1]:{} {}", sshd.port, sshd.host_public)),
+                },
+                ConnectionConfig {
+                    name: "web1cert".into(),
+                    protocol: "ssh".into(),
+                    upstream: format!("127.0.0.1:{}", sshd.port),
+                    roles: [(
+                        "ops".to_string(),
+                        UpstreamConfig {
+                            user: sshd.user.clone(),
+                            secret: Some(format!("file:{}", certified.display())),
+                        },
+                    )]
+                    .into_iter()
+                    .collect(),
+                    settings: [
+                        (
+                            "known_hosts".to_string(),
+                            format!("[127.0.0.1]:{} {}", sshd.port, sshd.host_public),
+                        ),
+                        ("certificate".to_string(), upstream_cert),
+                    ]
+                    .into_iter()
+                    .collect(),
                 },
                 ConnectionConfig {
                     name: "badhost".into(),
@@ -330,6 +382,79 @@ impl Stack {
         c
     }
 
+    /// A real ssh-agent (`ssh-agent -D -a SOCK`) holding the registered key; killed when
+    /// the returned guard drops. Returns the socket and the key's SHA-256 fingerprint.
+    /// (ssh forwards an agent only if it can reach one itself: pass `IdentityAgent=SOCK`
+    /// before [`Self::cert_options`], whose `IdentityAgent=none` would switch it off.)
+    fn ssh_agent(&self) -> (AgentGuard, PathBuf, String) {
+        let sock = self.dir.path().join("agent.sock");
+        let _ = std::fs::remove_file(&sock);
+        let child = Command::new("ssh-agent")
+            .arg("-D")
+            .arg("-a")
+            .arg(&sock)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let guard = AgentGuard(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !sock.exists() {
+            assert!(Instant::now() < deadline, "ssh-agent did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let out = Command::new("ssh-add")
+            .arg(&self.registered_key)
+            .env("SSH_AUTH_SOCK", &sock)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "ssh-add: {}", stderr(&out));
+        let out = Command::new("ssh-keygen")
+            .arg("-lf")
+            .arg(self.registered_key.with_extension("pub"))
+            .output()
+            .unwrap();
+        let fingerprint = stdout(&out).split_whitespace().nth(1).unwrap().to_owned();
+        (guard, sock, fingerprint)
+    }
+
+    /// `command` over ssh straight to the host (no proxy), with the connection's key: what
+    /// the agent would see without agentgate.
+    fn direct_ssh(&self, command: &str) -> Output {
+        let known = self.dir.path().join("sshd_known_hosts");
+        std::fs::write(
+            &known,
+            format!("[127.0.0.1]:{} {}", self.sshd.port, self.sshd.host_public),
+        )
+        .unwrap();
+        Command::new("ssh")
+            .args(["-F", "/dev/null", "-o", "StrictHostKeyChecking=yes", "-o"])
+            .arg(format!("UserKnownHostsFile={}", known.display()))
+            .args([
+                "-o",
+                "GlobalKnownHostsFile=/dev/null",
+                "-o",
+                "IdentitiesOnly=yes",
+                "-o",
+                "IdentityAgent=none",
+                "-o",
+                "BatchMode=yes",
+                "-o",
+                "LogLevel=ERROR",
+                "-i",
+            ])
+            .arg(self.dir.path().join("keys/upstream"))
+            .args([
+                "-p",
+                &self.sshd.port.to_string(),
+                &format!("{}@127.0.0.1", self.sshd.user),
+                command,
+            ])
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    }
+
     fn port(&self) -> String {
         self.proxy.addr.port().to_string()
     }
@@ -433,6 +558,16 @@ impl Stack {
     }
 }
 
+/// Kills the test's ssh-agent.
+struct AgentGuard(std::process::Child);
+
+impl Drop for AgentGuard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 fn bearer<T>(token: &str, message: T) -> tonic::Request<T> {
     let mut r = tonic::Request::new(message);
     r.metadata_mut()
@@ -495,16 +630,32 @@ async fn exec_keeps_stdout_stderr_and_exit_status_and_masks_output() {
         .args(s.cert_options(&cert))
         .args([
             "-o",
-            "SetEnv=LANG=C.UTF-8 LC_FOO=bar",
+            "SetEnv=LANG=C.UTF-8 LC_FOO=bar AGENTGATE_TEST_SECRET=leak",
             "-p",
             &s.port(),
             "ops+web1@127.0.0.1",
         ])
-        .arg("echo \"[$LANG][$LC_FOO]\"")
+        .arg("echo \"[$LANG][$LC_FOO][$AGENTGATE_TEST_SECRET]\"")
         .stdin(Stdio::null())
         .output()
         .unwrap();
-    assert_eq!(stdout(&out).trim(), "[C.UTF-8][bar]", "{}", stderr(&out));
+    // AGENTGATE_TEST_SECRET is accepted by the host (AcceptEnv) but not by the proxy.
+    assert_eq!(stdout(&out).trim(), "[C.UTF-8][bar][]", "{}", stderr(&out));
+    let direct = s.direct_ssh("echo \"[$AGENTGATE_TEST_SECRET]\"");
+    assert_eq!(stdout(&direct).trim(), "[]");
+
+    // A command killed by a signal: exit-signal comes back as the host sent it, so the
+    // agent's ssh exits exactly as it does talking to the host directly.
+    let killed = s.ssh(&cert, "ops+web1", "echo before; kill -KILL $$; echo after");
+    let direct = s.direct_ssh("echo before; kill -KILL $$; echo after");
+    assert_eq!(stdout(&killed), "before\n");
+    assert_eq!(
+        killed.status.code(),
+        direct.status.code(),
+        "{}",
+        stderr(&killed)
+    );
+    assert_ne!(killed.status.code(), Some(0));
 
     // Binary stdin and stdout pass through intact (a 3 MiB round trip through `cat`).
     let data: Vec<u8> = (0..3 * 1024 * 1024u32)
@@ -540,6 +691,11 @@ async fn exec_keeps_stdout_stderr_and_exit_status_and_masks_output() {
             .risk_classes
             .contains(&"ssh.exec".to_string())
     );
+    let killed = ops
+        .iter()
+        .find(|o| o.operation.as_ref().unwrap().text.contains("kill -KILL"))
+        .unwrap();
+    assert!(killed.status.contains("KILL"), "{killed:?}");
     let masked = ops
         .iter()
         .find(|o| o.operation.as_ref().unwrap().text.contains("printf"))
@@ -580,6 +736,35 @@ async fn logins_with_certificate_registered_key_and_token_and_refusals() {
         .output()
         .unwrap();
     assert_eq!(stdout(&out).trim(), "via-token", "{}", stderr(&out));
+
+    // The password method itself (not keyboard-interactive).
+    let out = s
+        .token_command("ssh", &token)
+        .args([
+            "-o",
+            "PreferredAuthentications=password",
+            "-p",
+            &s.port(),
+            "read+web1@127.0.0.1",
+            "echo via-password",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(stdout(&out).trim(), "via-password", "{}", stderr(&out));
+
+    // A connection whose upstream login is a certificate from a CA the host trusts (its
+    // key alone is not in authorized_keys).
+    let out = s
+        .token_command("ssh", &token)
+        .args([
+            "-p",
+            &s.port(),
+            "ops+web1cert@127.0.0.1",
+            "echo via-upstream-cert",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(stdout(&out).trim(), "via-upstream-cert", "{}", stderr(&out));
 
     // A registered key, no token at all.
     let out = Command::new("ssh")
@@ -1018,20 +1203,26 @@ async fn port_and_agent_forwarding_are_refused_by_policy() {
         .unwrap();
     assert_ne!(out.status.code(), Some(0));
     assert!(!stdout(&out).contains("forwarded"));
-    // Agent forwarding is refused (the command still runs, without an agent).
+    // Agent forwarding is refused (the command still runs, without an agent), with a real
+    // agent on the agent's side that would otherwise be reachable.
+    let (_agent, sock, _) = s.ssh_agent();
     let out = Command::new("ssh")
+        .arg("-o")
+        .arg(format!("ForwardAgent={}", sock.display()))
+        .arg("-o")
+        .arg(format!("IdentityAgent={}", sock.display()))
         .args(s.cert_options(&cert))
         .args([
             "-p",
             &s.port(),
-            "-A",
             "read+web1@127.0.0.1",
-            "echo \"[$SSH_AUTH_SOCK]\"",
+            "echo \"[$SSH_AUTH_SOCK]\"; ssh-add -l",
         ])
         .stdin(Stdio::null())
         .output()
         .unwrap();
-    assert_eq!(stdout(&out).trim(), "[]", "{}", stderr(&out));
+    assert_eq!(stdout(&out).lines().next(), Some("[]"), "{}", stderr(&out));
+    assert_ne!(out.status.code(), Some(0), "ssh-add -l found an agent");
 
     let events = s.events_of("agent:fwd", "session.end").await;
     let ops = operations(&events, "session.command");
@@ -1050,6 +1241,14 @@ async fn port_and_agent_forwarding_are_refused_by_policy() {
         forwards
             .iter()
             .all(|o| o.decision == agentgate_proto::common::v1::Decision::Deny as i32)
+    );
+    assert!(
+        ops.iter().any(|o| {
+            let op = o.operation.as_ref().unwrap();
+            op.action == "agent_forward"
+                && o.decision == agentgate_proto::common::v1::Decision::Deny as i32
+        }),
+        "{ops:?}"
     );
 }
 
@@ -1086,10 +1285,32 @@ async fn expiry_killed_host_and_vanished_client_end_the_session_cleanly() {
     let token = s.token("agent:vanish", &["agents"], Duration::from_secs(600));
     let mut child = s
         .token_command("ssh", &token)
-        .args(["-p", &s.port(), "read+web1@127.0.0.1", "sleep 30"])
+        .args([
+            "-p",
+            &s.port(),
+            "read+web1@127.0.0.1",
+            "echo started-$((40+2)); sleep 30",
+        ])
+        .stdout(Stdio::null())
         .spawn()
         .unwrap();
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // The recording reaches the store while the command still runs, not at its end.
+    let mut streamed = false;
+    for _ in 0..100 {
+        let events = s.events_of("agent:vanish", "session.terminal").await;
+        streamed = events.iter().any(|e| match &e.detail {
+            Some(Detail::Terminal(t)) => {
+                t.code == "o" && String::from_utf8_lossy(&t.data).contains("started-42")
+            }
+            _ => false,
+        });
+        if streamed {
+            assert!(!events.iter().any(|e| e.kind == "session.end"));
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(streamed, "no output recorded while the command ran");
     child.kill().unwrap();
     let _ = child.wait();
     let events = s.events_of("agent:vanish", "session.end").await;
@@ -1224,6 +1445,62 @@ async fn forwarding_that_policy_allows_is_relayed() {
         stderr(&out)
     );
 
+    // Local forwarding with a listening port (`ssh -L`): a connection to it on the agent's
+    // side reaches the host's sshd through the proxy.
+    let lport = free_port().unwrap();
+    let mut forwarder = Command::new("ssh")
+        .args(s.cert_options(&cert))
+        .args(["-p", &s.port(), "-o", "ExitOnForwardFailure=yes", "-L"])
+        .arg(format!("127.0.0.1:{lport}:127.0.0.1:{}", s.sshd.port))
+        .args(["ops+web1@127.0.0.1", "sleep 60"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let banner = blocking(move || {
+        use std::io::BufRead as _;
+        // Until ssh listens (it does before it runs the command).
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(socket) = std::net::TcpStream::connect(("127.0.0.1", lport)) {
+                let mut line = String::new();
+                let _ = std::io::BufReader::new(socket).read_line(&mut line);
+                return line;
+            }
+            if Instant::now() > deadline {
+                return String::from("ssh -L never listened");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    })
+    .await;
+    let _ = forwarder.kill();
+    let _ = forwarder.wait();
+    assert!(banner.starts_with("SSH-2.0-OpenSSH"), "{banner}");
+
+    // Agent forwarding (`ssh -A` with a real ssh-agent): `ssh-add -l` on the host lists the
+    // agent's key, through the host's agent channel relayed by the proxy.
+    let (_agent, sock, fingerprint) = s.ssh_agent();
+    let out = Command::new("timeout")
+        .arg("30")
+        .arg("ssh")
+        .arg("-o")
+        .arg(format!("ForwardAgent={}", sock.display()))
+        .arg("-o")
+        .arg(format!("IdentityAgent={}", sock.display()))
+        .args(s.cert_options(&cert))
+        .args(["-p", &s.port(), "ops+web1@127.0.0.1", "ssh-add -l"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success() && stdout(&out).contains(&fingerprint),
+        "{}{}",
+        stdout(&out),
+        stderr(&out)
+    );
+
     // Remote forwarding: the host connects to its forwarded port and reaches a listener on
     // the agent's side.
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -1261,6 +1538,10 @@ async fn forwarding_that_policy_allows_is_relayed() {
             .unwrap()
             .risk_classes
             .contains(&"ssh.port_forward".to_string())
+            && o.decision == agentgate_proto::common::v1::Decision::Allow as i32
+    }));
+    assert!(ops.iter().any(|o| {
+        o.operation.as_ref().unwrap().action == "agent_forward"
             && o.decision == agentgate_proto::common::v1::Decision::Allow as i32
     }));
 }

@@ -6,7 +6,7 @@
 //! nesting levels, so `AGENTGATE_AUDIT_STORE__DATABASE_URL` sets `audit_store.database_url`).
 //! An error names the key and where its bad value came from, in one line.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use figment::Figment;
 use figment::providers::{Env, Format, Serialized, Toml};
@@ -22,6 +22,31 @@ pub enum ConfigError {
     /// A value is missing, malformed or of the wrong type.
     #[error("config: {0}")]
     Invalid(String),
+    /// The command line is not `BINARY [--config FILE]`.
+    #[error("usage: {0} [--config FILE]")]
+    Usage(String),
+}
+
+/// Where a service binary keeps its data when `data_dir` is not set: the images' volume.
+pub const DEFAULT_DATA_DIR: &str = "/var/lib/agentgate";
+
+/// What every agentgate service binary does first: reads `BINARY [--config FILE]` from `args`
+/// (without the program name) and [`load`]s `T` with prefix `AGENTGATE` and the top-level
+/// key `data_dir` (`AGENTGATE_DATA_DIR`).
+pub fn load_service<T>(
+    binary: &str,
+    args: impl IntoIterator<Item = String>,
+) -> Result<T, ConfigError>
+where
+    T: DeserializeOwned + Serialize + Default,
+{
+    let mut args = args.into_iter();
+    let file = match (args.next().as_deref(), args.next(), args.next()) {
+        (None, _, _) => None,
+        (Some("--config"), Some(path), None) => Some(PathBuf::from(path)),
+        _ => return Err(ConfigError::Usage(binary.to_owned())),
+    };
+    load(file.as_deref(), "AGENTGATE", &["data_dir"])
 }
 
 /// Loads `T` from its defaults, an optional TOML file, and `PREFIX_*` environment variables.
@@ -102,6 +127,34 @@ mod tests {
     #[serde(default)]
     struct Nested {
         url: Option<String>,
+    }
+
+    #[test]
+    fn service_command_lines() {
+        let args = |a: &[&str]| a.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, "name = \"from-file\"\n").expect("write");
+        let s: Sample = load_service(
+            "agentgate-x",
+            args(&["--config", path.to_str().expect("utf-8")]),
+        )
+        .expect("with a file");
+        assert_eq!(s.name, "from-file");
+        let s: Sample = load_service("agentgate-x", args(&[])).expect("defaults");
+        assert_eq!(s.name, "");
+        for bad in [
+            &["--config"][..],
+            &["-c", "x"],
+            &["--config", "a", "b"],
+            &["x"],
+        ] {
+            let e = load_service::<Sample>("agentgate-x", args(bad)).expect_err("usage");
+            assert_eq!(e.to_string(), "usage: agentgate-x [--config FILE]");
+        }
+        let e = load_service::<Sample>("agentgate-x", args(&["--config", "/nonexistent.toml"]))
+            .expect_err("missing file");
+        assert!(e.to_string().contains("/nonexistent.toml"), "{e}");
     }
 
     #[test]

@@ -19,6 +19,9 @@ use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 
+mod token_source;
+pub use token_source::{FixedToken, TokenFile, TokenSource};
+
 /// The audience of tokens meant for the audit store. The store refuses a token whose
 /// audience list does not name it (a token without audience is for any service), so a
 /// recorder's token, issued for this audience only, opens nothing else that checks audience.
@@ -355,26 +358,58 @@ impl AuthConfig {
 }
 
 /// Sends `authorization: Bearer <token>` with every call of a tonic client:
-/// `AuditStoreClient::with_interceptor(channel, BearerInterceptor::new(&token)?)`.
+/// `AuditStoreClient::with_interceptor(channel, BearerInterceptor::new(&token)?)`, or with
+/// [`BearerInterceptor::from_source`] a token asked for anew on every call (renewed files).
 #[derive(Clone)]
 pub struct BearerInterceptor {
-    value: tonic::metadata::MetadataValue<tonic::metadata::Ascii>,
+    token: Bearer,
+}
+
+#[derive(Clone)]
+enum Bearer {
+    Fixed(tonic::metadata::MetadataValue<tonic::metadata::Ascii>),
+    Source(std::sync::Arc<dyn TokenSource>),
 }
 
 impl BearerInterceptor {
     /// Fails when the token cannot be sent as header text.
     pub fn new(token: &str) -> Result<BearerInterceptor, TokenError> {
-        let value = format!("Bearer {}", token.trim())
-            .parse()
-            .map_err(|_| TokenError::Malformed("the token is not valid header text".into()))?;
-        Ok(BearerInterceptor { value })
+        Ok(BearerInterceptor {
+            token: Bearer::Fixed(bearer_header(token)?),
+        })
     }
+
+    /// Asks `source` on every call, so a renewed token is used from the next call on. A call
+    /// without a token fails locally with `UNAUTHENTICATED` and the source's reason.
+    pub fn from_source(source: std::sync::Arc<dyn TokenSource>) -> BearerInterceptor {
+        BearerInterceptor {
+            token: Bearer::Source(source),
+        }
+    }
+}
+
+/// The `authorization` header value for `token`; fails when it is not valid header text
+/// (a stray control character from a badly written file).
+pub fn bearer_header(
+    token: &str,
+) -> Result<tonic::metadata::MetadataValue<tonic::metadata::Ascii>, TokenError> {
+    format!("Bearer {}", token.trim())
+        .parse()
+        .map_err(|_| TokenError::Malformed("the token is not valid header text".into()))
 }
 
 impl tonic::service::Interceptor for BearerInterceptor {
     fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
-        req.metadata_mut()
-            .insert("authorization", self.value.clone());
+        let value = match &self.token {
+            Bearer::Fixed(value) => value.clone(),
+            Bearer::Source(source) => {
+                let token = source.token().map_err(|e| {
+                    tonic::Status::unauthenticated(format!("no service token to send: {e}"))
+                })?;
+                bearer_header(&token).map_err(|e| tonic::Status::unauthenticated(e.to_string()))?
+            }
+        };
+        req.metadata_mut().insert("authorization", value);
         Ok(req)
     }
 }
@@ -636,6 +671,39 @@ mod tests {
         let req = i.call(tonic::Request::new(())).expect("call");
         assert_eq!(bearer_token(req.metadata()).expect("bearer"), "abc");
         assert!(BearerInterceptor::new("a\u{1}b").is_err());
+    }
+
+    #[test]
+    fn bearer_interceptor_asks_its_source_on_every_call() {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        use tonic::service::Interceptor as _;
+        let calls = std::sync::Arc::new(AtomicU32::new(0));
+        let seen = calls.clone();
+        let mut i = BearerInterceptor::from_source(std::sync::Arc::new(
+            move || -> Result<String, String> {
+                match seen.fetch_add(1, Ordering::SeqCst) {
+                    0 => Ok("first".into()),
+                    1 => Ok("second\n".into()),
+                    2 => Ok("bad\u{1}".into()),
+                    _ => Err("file missing".into()),
+                }
+            },
+        ));
+        let first = i.call(tonic::Request::new(())).expect("call");
+        assert_eq!(bearer_token(first.metadata()).expect("bearer"), "first");
+        let second = i.call(tonic::Request::new(())).expect("call");
+        assert_eq!(bearer_token(second.metadata()).expect("bearer"), "second");
+        let bad = i
+            .call(tonic::Request::new(()))
+            .expect_err("control character");
+        assert_eq!(bad.code(), tonic::Code::Unauthenticated);
+        let missing = i.call(tonic::Request::new(())).expect_err("no token");
+        assert_eq!(missing.code(), tonic::Code::Unauthenticated);
+        assert!(
+            missing.message().contains("file missing"),
+            "{}",
+            missing.message()
+        );
     }
 
     #[test]

@@ -117,6 +117,22 @@ impl Scanner {
         }
     }
 
+    /// The length of the longest tail of `b` that is a proper prefix of an anchor literal
+    /// (0 if none): where a literal may begin that the end of a stream prefix cut. Bytes
+    /// that cannot start one (zeros, most binary data) are decided at once, not held.
+    fn cut_literal(&self, b: &[u8]) -> usize {
+        let longest = self.max_lit.saturating_sub(1).min(b.len());
+        (1..=longest)
+            .rev()
+            .find(|&k| {
+                let tail = &b[b.len() - k..];
+                self.lits
+                    .iter()
+                    .any(|(a, _)| a.len() > k && a.as_bytes().starts_with(tail))
+            })
+            .unwrap_or(0)
+    }
+
     /// True if at least one detector is on.
     pub(crate) fn any(&self) -> bool {
         self.any
@@ -138,11 +154,12 @@ impl Scanner {
     ) -> ScanEnd {
         let b = hay.b;
         let len = b.len();
-        // Anchors too close to the end of a stream prefix wait: a literal may be cut.
+        // Anchors from where a literal may have been cut by the end of a stream prefix wait
+        // (a later literal match there would come first in position order).
         let limit = if hay.eof {
             len
         } else {
-            len.saturating_sub(self.max_lit.saturating_sub(1))
+            len - self.cut_literal(b)
         };
         if !self.any {
             return ScanEnd {
@@ -219,6 +236,12 @@ impl Scanner {
         let b = hay.b;
         let mut i = pos;
         while i + 8 <= limit {
+            // Whole blocks without a single anchor byte (binary data, zeros, prose without
+            // digits) are skipped with a test the compiler vectorises.
+            if i + BLOCK <= limit && !self.block_may_anchor(&b[i..i + BLOCK]) {
+                i += BLOCK;
+                continue;
+            }
             let mut w = [0u8; 8];
             w.copy_from_slice(&b[i..i + 8]);
             let x = u64::from_le_bytes(w);
@@ -241,6 +264,23 @@ impl Scanner {
             i += 1;
         }
         None
+    }
+
+    /// Whether `block` holds a digit (when a digit detector is on), `@` or `:` (when theirs
+    /// are): branch-free over the block, so that it compiles to SIMD compares.
+    #[inline(always)]
+    fn block_may_anchor(&self, block: &[u8]) -> bool {
+        let (digits, at, colon) = (
+            self.digits_on,
+            self.class[b'@' as usize] != 0,
+            self.class[b':' as usize] != 0,
+        );
+        let mut hit = false;
+        for &c in block {
+            hit |=
+                (digits & (c.wrapping_sub(b'0') < 10)) | (at & (c == b'@')) | (colon & (c == b':'));
+        }
+        hit
     }
 
     /// High bit of byte k set iff byte k of `x` is `@`, `:` or a digit that starts a digit
@@ -435,6 +475,9 @@ impl Scanner {
         out
     }
 }
+
+/// Bytes tested at once by [`Scanner::block_may_anchor`].
+const BLOCK: usize = 64;
 
 const ONES: u64 = 0x0101_0101_0101_0101;
 const LOW7: u64 = ONES * 127;

@@ -1,11 +1,23 @@
 //! Masking byte streams cut at arbitrary points (terminal output, exec streams).
 
+use std::ops::Range;
+
 use crate::detect::{Hay, JWT_MAX, MAX_LOCAL, PEM_MAX, REACH};
+use crate::scan::ScanEnd;
 use crate::{DetectorCounts, MaskReport, Masker};
 
 /// Bytes of already-written input kept for look-behind checks ("is the byte before this card
 /// number a digit?"). Detectors read at most two bytes before a match.
 const CONTEXT: usize = 8;
+
+/// [`StreamMasker::push_borrowed`]: how much of a new chunk is scanned together with the
+/// held bytes (in a small copy) before the rest of the chunk is scanned in place.
+const JUNCTION: usize = 256;
+/// Anchors at least this far into a chunk can be decided in place: no detector looks back
+/// further (an email's local part, and a few bytes of context before it).
+const IN_PLACE_FROM: usize = MAX_LOCAL + 2 * CONTEXT;
+/// Chunks shorter than this take the copying path of [`StreamMasker::push`].
+const BORROW_MIN: usize = 4 * JUNCTION;
 
 /// The longest match any detector makes, in bytes. The streaming masker masks every secret up
 /// to this length wherever the stream is cut; today the bound comes from private key blocks
@@ -48,6 +60,8 @@ pub struct StreamMasker {
     lo: usize,
     /// Do not rescan before `buf` is this long (a pending candidate waits for enough bytes).
     retry_len: usize,
+    /// Scratch space of [`Self::push_borrowed`] (held bytes and the head of a chunk).
+    junction: Vec<u8>,
 }
 
 impl StreamMasker {
@@ -59,6 +73,7 @@ impl StreamMasker {
             resume: 0,
             lo: 0,
             retry_len: 0,
+            junction: Vec::new(),
         }
     }
 
@@ -73,6 +88,103 @@ impl StreamMasker {
             return;
         }
         self.run(false, out, report);
+    }
+
+    /// Like [`push`](Self::push), without copying what passes through unchanged: appends to
+    /// `out` the output that had to be built (bytes held from earlier chunks, masked
+    /// matches and what precedes them), and returns the range of `chunk` that follows it.
+    /// The output of this call is `out`'s new bytes, then `chunk[range]`; the rest of
+    /// `chunk` is held. A proxy relaying bulk data sends `chunk[range]` as a slice of the
+    /// buffer it received: most chunks contain no secret, and their bytes are then scanned
+    /// once and never copied.
+    ///
+    /// The result is byte-for-byte what `push` gives (and so what [`Masker::mask_bytes`]
+    /// gives for the whole stream). How: the held bytes and the first [`JUNCTION`] bytes of
+    /// the chunk are scanned as a stream prefix in a small copy, and the rest of the chunk
+    /// in place, from the point where no detector can look back past the chunk's start. When
+    /// that does not work out — a short chunk, a candidate still undecided from earlier
+    /// chunks or at the junction — the chunk takes `push`'s copying path and the range is
+    /// empty.
+    pub fn push_borrowed(
+        &mut self,
+        chunk: &[u8],
+        out: &mut Vec<u8>,
+        report: &mut MaskReport,
+    ) -> Range<usize> {
+        let scanner = &self.masker.inner.scanner;
+        if !scanner.any() {
+            return 0..chunk.len();
+        }
+        if chunk.len() < BORROW_MIN || self.retry_len != 0 {
+            self.push(chunk, out, report);
+            return 0..0;
+        }
+        let base = self.buf.len();
+        let mut junction = std::mem::take(&mut self.junction);
+        junction.clear();
+        junction.extend_from_slice(&self.buf);
+        junction.extend_from_slice(&chunk[..JUNCTION]);
+        let masker = &self.masker;
+        let mark = out.len();
+        let mut counts = DetectorCounts::default();
+        // Output written so far, in the coordinates of `buf ++ chunk`.
+        let mut written = self.written;
+        let head = scanner.scan(
+            Hay {
+                b: &junction,
+                eof: false,
+            },
+            self.resume,
+            self.lo,
+            &mut |m| {
+                out.extend_from_slice(&junction[written..m.start]);
+                masker.render_found(m, &junction[m.start..m.end], out, &mut counts);
+                written = m.end;
+            },
+        );
+        if head.pending || head.resume < base + IN_PLACE_FROM {
+            // A candidate at the junction needs more than the junction holds.
+            out.truncate(mark);
+            self.junction = junction;
+            self.push(chunk, out, report);
+            return 0..0;
+        }
+        let (from, lo) = (head.resume - base, head.lo.saturating_sub(base));
+        let mut tail_from = written.saturating_sub(base);
+        let rest = scanner.scan(
+            Hay {
+                b: chunk,
+                eof: false,
+            },
+            from,
+            lo,
+            &mut |m| {
+                if written < base {
+                    out.extend_from_slice(&junction[written..base]);
+                    written = base;
+                }
+                out.extend_from_slice(&chunk[written - base..m.start]);
+                masker.render_found(m, &chunk[m.start..m.end], out, &mut counts);
+                written = base + m.end;
+                tail_from = m.end;
+            },
+        );
+        masker.report_counts(&counts, report);
+        if written < base {
+            // Bytes held from earlier chunks come first.
+            out.extend_from_slice(&junction[written..base]);
+        }
+        let hold = hold_from(chunk, rest.resume, rest.lo).max(tail_from);
+        // Keep the held tail and its look-behind context, in `buf`'s coordinates.
+        let keep = hold.saturating_sub(CONTEXT);
+        self.buf.clear();
+        self.buf.extend_from_slice(&chunk[keep..]);
+        self.written = hold - keep;
+        self.resume = rest.resume - keep;
+        self.lo = rest.lo.saturating_sub(keep);
+        self.retry_len = retry_len(rest, self.buf.len(), keep);
+        self.junction = junction;
+        tail_from..hold
     }
 
     /// Decides and writes out everything held, as if the stream ended here, then goes on
@@ -121,16 +233,7 @@ impl StreamMasker {
             let hold = hold_from(buf, end.resume, end.lo).max(written);
             out.extend_from_slice(&buf[written..hold]);
             written = hold;
-            self.retry_len = if end.pending {
-                // Retry when the candidate's window has doubled (or is complete), so a
-                // candidate fed one byte at a time is rescanned O(log n) times, not n.
-                let a = end.resume;
-                (a + 2 * (len - a).max(32))
-                    .min(a + MAX_MATCH_LEN + 2)
-                    .max(len + 1)
-            } else {
-                0
-            };
+            self.retry_len = retry_len(end, len, 0);
         }
         self.written = written;
         let drop = written.saturating_sub(CONTEXT);
@@ -142,6 +245,20 @@ impl StreamMasker {
             self.retry_len = self.retry_len.saturating_sub(drop);
         }
     }
+}
+
+/// How long `buf` must grow before a pending candidate is rescanned (0: none pending).
+/// `end` is in coordinates `shift` bytes ahead of `buf`'s, whose length is `len`.
+fn retry_len(end: ScanEnd, len: usize, shift: usize) -> usize {
+    if !end.pending {
+        return 0;
+    }
+    // Retry when the candidate's window has doubled (or is complete), so a candidate fed one
+    // byte at a time is rescanned O(log n) times, not n.
+    let a = end.resume - shift;
+    (a + 2 * (len - a).max(32))
+        .min(a + MAX_MATCH_LEN + 2)
+        .max(len + 1)
 }
 
 /// The first byte that a future match may still claim by looking back from an anchor at or

@@ -213,3 +213,123 @@ fn held_stays_bounded_on_an_endless_candidate() {
     assert!(r.count("detector:private_key") >= 1);
     assert!(out.starts_with(b"-----BEGIN PRIVATE KEY-----\n****"));
 }
+
+/// Streams `chunks` through `push_borrowed` (or `push` where `copying[i % len]` says so),
+/// rebuilding the output as a proxy sends it: the built bytes, then the borrowed range.
+fn run_borrowed(m: &Masker, chunks: &[Vec<u8>], copying: &[bool]) -> (Vec<u8>, MaskReport) {
+    let mut s = m.stream();
+    let mut shown = Vec::new();
+    let mut report = MaskReport::new();
+    for (i, c) in chunks.iter().enumerate() {
+        if !copying.is_empty() && copying[i % copying.len()] {
+            s.push(c, &mut shown, &mut report);
+        } else {
+            let mut built = Vec::new();
+            let range = s.push_borrowed(c, &mut built, &mut report);
+            shown.extend_from_slice(&built);
+            shown.extend_from_slice(&c[range]);
+        }
+        assert!(s.held() <= MAX_HELD, "held {} > {}", s.held(), MAX_HELD);
+    }
+    s.finish(&mut shown, &mut report);
+    (shown, report)
+}
+
+/// Bulk inputs: kilobytes of filler (zeros, prose, digits, random bytes) with secrets and
+/// fragments strewn in, so that chunks are large enough for the in-place path.
+fn bulk_input() -> impl Strategy<Value = Vec<u8>> {
+    let filler = prop_oneof![
+        (1usize..3000).prop_map(|n| vec![0u8; n]),
+        (1usize..3000).prop_map(|n| b"the quick brown fox jumps over the lazy dog "
+            .iter()
+            .copied()
+            .cycle()
+            .take(n)
+            .collect::<Vec<u8>>()),
+        prop::collection::vec(prop::sample::select(&b"0123456789 -.:@aZ\n"[..]), 1..500),
+        prop::collection::vec(any::<u8>(), 1..1500),
+    ];
+    let piece = prop_oneof![
+        filler,
+        prop::sample::select(PIECES).prop_map(|p| p.to_vec()),
+    ];
+    prop::collection::vec(piece, 0..24).prop_map(|v| v.concat())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 300, ..ProptestConfig::default() })]
+
+    #[test]
+    fn borrowed_stream_equals_whole_for_any_chunking(
+        data in bulk_input(),
+        fractions in prop::collection::vec(0.0f64..1.0, 0..10),
+        copying in prop::collection::vec(any::<bool>(), 0..4),
+    ) {
+        let m = masker();
+        let mut whole_report = MaskReport::new();
+        let whole = m.mask_bytes(&data, &mut whole_report).into_owned();
+        let (streamed, report) = run_borrowed(&m, &cut(&data, &fractions), &copying);
+        prop_assert_eq!(&streamed, &whole);
+        prop_assert_eq!(report, whole_report);
+    }
+}
+
+/// Secrets that straddle two large packets, at every cut around the secret, with filler
+/// that takes the in-place path: masked exactly as the whole stream is.
+#[test]
+fn secrets_split_across_large_packets_are_masked() {
+    let m = masker();
+    for (secret, rule) in [
+        (&b"AKIAIOSFODNN7EXAMPLE"[..], "detector:aws_access_key"),
+        (b"alice.smith@example.com", "detector:email"),
+        (b"4111 1111 1111 1111", "detector:payment_card"),
+        (
+            b"ghp_abcdefghijklmnopqrstuvwxyz0123456789",
+            "detector:github_token",
+        ),
+    ] {
+        for filler in [&b"\0"[..], b"lorem ipsum dolor sit amet "] {
+            let pad: Vec<u8> = filler.iter().copied().cycle().take(5000).collect();
+            let mut data = pad.clone();
+            data.extend_from_slice(b" ");
+            data.extend_from_slice(secret);
+            data.extend_from_slice(b" ");
+            data.extend_from_slice(&pad);
+            let at = pad.len() + 1;
+            let mut whole_report = MaskReport::new();
+            let whole = m.mask_bytes(&data, &mut whole_report).into_owned();
+            assert_eq!(whole_report.count(rule), 1, "{rule}");
+            for cut_at in at.saturating_sub(300)..at + secret.len() + 300 {
+                let chunks = [data[..cut_at].to_vec(), data[cut_at..].to_vec()];
+                let (out, report) = run_borrowed(&m, &chunks, &[]);
+                assert_eq!(out, whole, "{rule} cut at {cut_at}");
+                assert_eq!(report.count(rule), 1, "{rule} cut at {cut_at}");
+            }
+            // and in three pieces, the secret's middle alone
+            let mid = at + secret.len() / 2;
+            let chunks = [
+                data[..at + 2].to_vec(),
+                data[at + 2..mid].to_vec(),
+                data[mid..].to_vec(),
+            ];
+            let (out, _) = run_borrowed(&m, &chunks, &[]);
+            assert_eq!(out, whole, "{rule} in three pieces");
+        }
+    }
+}
+
+/// Data without anything a detector could start on passes through borrowed, nothing held.
+#[test]
+fn bulk_data_without_anchors_is_borrowed_whole() {
+    let m = masker();
+    let mut s = m.stream();
+    let mut r = MaskReport::new();
+    let chunk = vec![0u8; 32 * 1024];
+    for _ in 0..4 {
+        let mut built = Vec::new();
+        let range = s.push_borrowed(&chunk, &mut built, &mut r);
+        assert!(built.is_empty());
+        assert_eq!(range, 0..chunk.len());
+        assert_eq!(s.held(), 0);
+    }
+}

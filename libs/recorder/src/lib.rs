@@ -1,8 +1,12 @@
 //! The client side of the audit store, used by every proxy and control-plane service.
 //!
-//! An event counts as recorded once it is in a durable local spool (an SQLite file, fsynced
-//! on commit), never later: [`SessionRecorder::record`] returns only then. A background
-//! shipper streams the spool to the audit store in batches and deletes what the store
+//! An event counts as recorded once it is in a durable local spool (a directory of
+//! append-only segment files, fdatasynced per group of events), never later:
+//! [`SessionRecorder::record`] and [`Recorder::record_event`] return only then. A caller that
+//! must not wait for the disk per event queues it ([`Recorder::queue_event`]) and waits for
+//! durability later ([`Recorder::durable`]); one writer thread commits whatever queued up
+//! meanwhile with one write and one fdatasync. A background shipper streams what was written
+//! to the audit store in batches (from memory while it is fresh) and forgets what the store
 //! acknowledges. After a store outage, or a crash and restart of the process, the shipper
 //! sends whatever the spool still holds; the store is idempotent on (session, sequence), so
 //! a batch sent twice is stored once.
@@ -24,9 +28,9 @@
 //! # Ok(()) }
 //! ```
 
+mod migrate;
 mod shipper;
 mod spool;
-mod token;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -36,11 +40,11 @@ use agentgate_proto::audit::v1::AuditEvent;
 use agentgate_proto::audit::v1::audit_event::Detail;
 use agentgate_proto::common::v1::{Principal, Protocol};
 use prost::Message as _;
-use tokio::sync::Mutex;
 use tonic::transport::{ClientTlsConfig, Endpoint};
 
-pub use spool::Spool;
-pub use token::{FixedToken, TokenFile, TokenSource};
+/// The credential sources are identity's; the recorder asks its source on every connection.
+pub use agentgate_identity::{FixedToken, TokenFile, TokenSource};
+pub use spool::{Spool, Ticket};
 
 /// Why recording failed. Only a spool failure can fail `record`: the store being away never
 /// does, since that is what the spool is for.
@@ -62,7 +66,9 @@ pub struct RecorderConfig {
     /// The audit store's gRPC address, e.g. `http://127.0.0.1:7403` (`https://` for TLS).
     pub endpoint: String,
     pub tls: Option<ClientTlsConfig>,
-    /// The spool file; it survives restarts and must be on durable storage.
+    /// The spool directory; it survives restarts and must be on durable storage. An SQLite
+    /// spool file left at this path by an earlier version is taken over (its events moved
+    /// into the directory) on open.
     pub spool_path: PathBuf,
     /// Most events in one Ingest batch.
     pub batch_max: usize,
@@ -162,26 +168,81 @@ impl Recorder {
             recorder: self.clone(),
             session_id,
             context,
-            next: Arc::new(Mutex::new(1)),
+            next: Arc::new(std::sync::Mutex::new(1)),
         }
     }
 
     /// Appends one complete event to the spool; returns once it is durable.
     pub async fn record_event(&self, event: &AuditEvent) -> Result<(), RecorderError> {
-        self.spool.append(event.encode_to_vec()).await?;
-        self.shipper.wake();
-        Ok(())
+        self.reserve().await?;
+        let ticket = self.queue_event(event)?;
+        self.durable(ticket).await
     }
 
-    /// Events spooled but not yet acknowledged by the store.
+    /// Waits while the spool's queue is over its bound (the disk is behind): call before
+    /// queueing, so a burst cannot grow memory without limit. Returns at once otherwise.
+    pub async fn reserve(&self) -> Result<(), RecorderError> {
+        self.spool.reserve().await
+    }
+
+    /// Queues one complete event without waiting for the disk; it is durable once
+    /// [`Recorder::durable`] says so. Events are written in the order they are queued, so a
+    /// caller that numbers a session's events under its own lock and queues them under the
+    /// same lock keeps spool order equal to sequence order. Call [`Recorder::reserve`]
+    /// first.
+    pub fn queue_event(&self, event: &AuditEvent) -> Result<Ticket, RecorderError> {
+        self.spool.queue_with(|buf| event.encode_raw(buf))
+    }
+
+    /// Like [`Recorder::queue_event`] for an event split in two: `template`, the fields every
+    /// event of a session repeats (encoded once), and `event`, the rest. Protobuf fields may
+    /// come in any order, so the two encodings one after the other are one `AuditEvent`.
+    pub fn queue_templated(
+        &self,
+        template: &EventTemplate,
+        event: &AuditEvent,
+    ) -> Result<Ticket, RecorderError> {
+        self.spool.queue_with(|buf| {
+            buf.extend_from_slice(&template.0);
+            event.encode_raw(buf);
+        })
+    }
+
+    /// Like [`Recorder::queue_event`] for an event already encoded, given as parts whose
+    /// concatenation is one encoded `AuditEvent`.
+    pub fn queue_encoded(&self, parts: &[&[u8]]) -> Result<Ticket, RecorderError> {
+        self.spool.queue(parts)
+    }
+
+    /// Waits until the queued event of `ticket` is durable; an error if its write failed.
+    pub async fn durable(&self, ticket: Ticket) -> Result<(), RecorderError> {
+        self.spool.durable(ticket).await
+    }
+
+    /// Waits until the queued events `first` through `last` (and any queued between them)
+    /// are durable; an error if the write of any of them failed.
+    pub async fn durable_range(&self, first: Ticket, last: Ticket) -> Result<(), RecorderError> {
+        self.spool.durable_range(first, last).await
+    }
+
+    /// Tells of spool writes that fail from now on: events of a failed write are not
+    /// recorded (their [`Recorder::durable`] fails), and a proxy ends the sessions it can no
+    /// longer vouch for. Does not keep the recorder open.
+    pub fn write_failures(&self) -> WriteFailures {
+        let mut progress = self.spool.progress();
+        let seen = progress.borrow_and_update().failed_groups;
+        WriteFailures { progress, seen }
+    }
+
+    /// Events queued or spooled and not yet acknowledged by the store.
     pub fn backlog(&self) -> u64 {
         self.spool.len()
     }
 
-    /// Events the store refused as malformed, kept aside in the spool's `spool_rejected`
-    /// table (a refused credential never puts events there: they wait in the spool).
+    /// Events the store refused as malformed, kept aside in the spool's `rejected.log`
+    /// (a refused credential never puts events there: they wait in the spool).
     pub async fn rejected(&self) -> Result<u64, RecorderError> {
-        self.spool.rejected().await
+        Ok(self.spool.rejected())
     }
 
     /// Waits until the store has acknowledged everything spooled so far.
@@ -194,6 +255,43 @@ impl Recorder {
             Ok(Err(_)) => Err(RecorderError::Closed),
             Err(_) => Err(RecorderError::FlushTimeout(self.backlog())),
         }
+    }
+}
+
+/// The fields every event of a session repeats (session id, principal, source address,
+/// connection, protocol, role), encoded once for [`Recorder::queue_templated`].
+#[derive(Debug, Clone)]
+pub struct EventTemplate(Vec<u8>);
+
+impl EventTemplate {
+    /// Encodes `fixed`; leave `sequence`, `time`, `kind`, `detail` and `attributes` empty
+    /// here and set them per event.
+    pub fn new(fixed: &AuditEvent) -> EventTemplate {
+        EventTemplate(fixed.encode_to_vec())
+    }
+}
+
+/// Failed spool writes, as they happen ([`Recorder::write_failures`]).
+pub struct WriteFailures {
+    progress: tokio::sync::watch::Receiver<spool::Progress>,
+    seen: u64,
+}
+
+impl WriteFailures {
+    /// Resolves at the next failed write with why; `None` once the recorder is gone.
+    pub async fn next(&mut self) -> Option<String> {
+        let seen = self.seen;
+        let p = self
+            .progress
+            .wait_for(|p| p.failed_groups > seen)
+            .await
+            .ok()?;
+        self.seen = p.failed_groups;
+        Some(
+            p.last_failure()
+                .unwrap_or("the audit spool write failed")
+                .to_owned(),
+        )
     }
 }
 
@@ -214,8 +312,9 @@ pub struct SessionRecorder {
     recorder: Recorder,
     session_id: String,
     context: SessionContext,
-    /// The next sequence number; the lock also keeps spool order equal to sequence order.
-    next: Arc<Mutex<u64>>,
+    /// The next sequence number; queueing under the lock keeps spool order equal to
+    /// sequence order.
+    next: Arc<std::sync::Mutex<u64>>,
 }
 
 impl SessionRecorder {
@@ -235,23 +334,30 @@ impl SessionRecorder {
         detail: Option<Detail>,
         attributes: std::collections::HashMap<String, String>,
     ) -> Result<u64, RecorderError> {
-        let mut next = self.next.lock().await;
-        let sequence = *next;
-        let event = AuditEvent {
-            session_id: self.session_id.clone(),
-            sequence,
-            time: Some(now()),
-            kind: kind.to_owned(),
-            principal: self.context.principal.clone(),
-            source_address: self.context.source_address.clone(),
-            connection: self.context.connection.clone(),
-            protocol: self.context.protocol as i32,
-            role: self.context.role.clone(),
-            detail,
-            attributes,
+        self.recorder.reserve().await?;
+        // Numbered and queued under one lock: events of the session reach the spool in
+        // sequence order, and several can be on their way to the disk at once.
+        let (sequence, ticket) = {
+            let mut next = self.next.lock().unwrap_or_else(|e| e.into_inner());
+            let sequence = *next;
+            let event = AuditEvent {
+                session_id: self.session_id.clone(),
+                sequence,
+                time: Some(now()),
+                kind: kind.to_owned(),
+                principal: self.context.principal.clone(),
+                source_address: self.context.source_address.clone(),
+                connection: self.context.connection.clone(),
+                protocol: self.context.protocol as i32,
+                role: self.context.role.clone(),
+                detail,
+                attributes,
+            };
+            let ticket = self.recorder.queue_event(&event)?;
+            *next += 1;
+            (sequence, ticket)
         };
-        self.recorder.record_event(&event).await?;
-        *next += 1;
+        self.recorder.durable(ticket).await?;
         Ok(sequence)
     }
 }

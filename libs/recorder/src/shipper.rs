@@ -1,17 +1,22 @@
 //! Ships the spool to the audit store over one Ingest stream, with a few batches in flight,
-//! and reconnects with backoff whenever the store goes away.
+//! and reconnects with backoff whenever the store goes away. Freshly written events come
+//! from the spool's memory, older ones (after an outage or a restart) from its files.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
-use agentgate_proto::audit::v1::audit_store_client::AuditStoreClient;
-use agentgate_proto::audit::v1::{AuditEvent, IngestRequest};
+use agentgate_proto::audit::v1::IngestAck;
+use bytes::{BufMut as _, Bytes};
 use prost::Message as _;
 use tokio::sync::{Notify, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
+use tonic::GrpcMethod;
+use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
+use tonic::codegen::http::uri::PathAndQuery;
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::Interceptor;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Endpoint;
 use tonic::{Code, Status};
 
@@ -49,7 +54,13 @@ async fn run(spool: Spool, endpoint: Endpoint, config: RecorderConfig, notify: A
     let mut failures = 0u32;
     loop {
         if spool.is_empty() {
-            let _ = tokio::time::timeout(Duration::from_secs(1), notify.notified()).await;
+            let woken = async {
+                tokio::select! {
+                    _ = notify.notified() => {}
+                    _ = spool.written().notified() => {}
+                }
+            };
+            let _ = tokio::time::timeout(Duration::from_secs(1), woken).await;
             continue;
         }
         match ship(&spool, &endpoint, &config, &notify).await {
@@ -143,6 +154,69 @@ fn credentials(config: &RecorderConfig) -> Result<Credentials, ShipError> {
     })
 }
 
+/// An Ingest batch whose events are sent as they lie in the spool, already encoded: the
+/// shipper neither decodes nor re-encodes them. Encodes exactly as `IngestRequest`
+/// (`batch_id = 1`, `repeated AuditEvent events = 2`).
+struct RawBatch {
+    batch_id: u64,
+    events: Vec<Bytes>,
+}
+
+#[derive(Clone, Copy, Default)]
+struct RawCodec;
+
+struct RawEncoder;
+struct AckDecoder;
+
+impl Codec for RawCodec {
+    type Encode = RawBatch;
+    type Decode = IngestAck;
+    type Encoder = RawEncoder;
+    type Decoder = AckDecoder;
+
+    fn encoder(&mut self) -> RawEncoder {
+        RawEncoder
+    }
+
+    fn decoder(&mut self) -> AckDecoder {
+        AckDecoder
+    }
+}
+
+impl Encoder for RawEncoder {
+    type Item = RawBatch;
+    type Error = Status;
+
+    fn encode(&mut self, item: RawBatch, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
+        if item.batch_id != 0 {
+            prost::encoding::uint64::encode(1, &item.batch_id, dst);
+        }
+        for event in &item.events {
+            prost::encoding::encode_key(2, prost::encoding::WireType::LengthDelimited, dst);
+            prost::encoding::encode_varint(event.len() as u64, dst);
+            dst.put_slice(event);
+        }
+        Ok(())
+    }
+}
+
+impl Decoder for AckDecoder {
+    type Item = IngestAck;
+    type Error = Status;
+
+    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<IngestAck>, Status> {
+        IngestAck::decode(src)
+            .map(Some)
+            .map_err(|e| Status::internal(format!("undecodable acknowledgement: {e}")))
+    }
+}
+
+/// A batch sent and not yet acknowledged.
+struct InFlight {
+    last: u64,
+    events: Vec<(u64, Bytes)>,
+}
+
 /// One connection's worth of shipping. Returns an error when the stream breaks; whatever was
 /// in flight and unacknowledged is still spooled and is resent on the next connection.
 async fn ship(
@@ -157,12 +231,23 @@ async fn ship(
         .await
         .map_err(|e| format!("connect: {e}"))?;
     // Trace context rides along, so a proxy's span and the store's span join up.
-    let mut client = AuditStoreClient::with_interceptor(channel, credentials)
+    let mut grpc = tonic::client::Grpc::new(InterceptedService::new(channel, credentials))
         .max_encoding_message_size(64 << 20)
         .max_decoding_message_size(64 << 20);
+    grpc.ready()
+        .await
+        .map_err(|e| ShipError::Other(format!("ingest: {e}")))?;
     let (requests, rx) = mpsc::channel(config.in_flight.max(1));
-    let mut acks = client
-        .ingest(ReceiverStream::new(rx))
+    let mut request = tonic::Request::new(ReceiverStream::new(rx));
+    request
+        .extensions_mut()
+        .insert(GrpcMethod::new("agentgate.audit.v1.AuditStore", "Ingest"));
+    let mut acks = grpc
+        .streaming(
+            request,
+            PathAndQuery::from_static("/agentgate.audit.v1.AuditStore/Ingest"),
+            RawCodec,
+        )
         .await
         .map_err(|s| match s.code() {
             Code::Unauthenticated | Code::PermissionDenied => {
@@ -172,51 +257,42 @@ async fn ship(
         })?
         .into_inner();
 
-    // (first spool id, last spool id) of each batch sent and not yet acknowledged.
-    let mut in_flight: VecDeque<(i64, i64)> = VecDeque::new();
-    let mut sent_through = 0i64;
+    let mut in_flight: VecDeque<InFlight> = VecDeque::new();
+    let mut sent_through = 0u64;
     loop {
+        // Armed before reading, so an event written meanwhile is not missed.
+        let written = spool.written().notified();
+        let woken = notify.notified();
         while in_flight.len() < config.in_flight.max(1) {
-            let rows = spool
-                .read_after(sent_through, config.batch_max)
-                .await
+            let events = spool
+                .read_after(sent_through, config.batch_max.max(1))
                 .map_err(|e| e.to_string())?;
-            let (Some(first), Some(last)) = (rows.first().map(|r| r.0), rows.last().map(|r| r.0))
-            else {
+            let Some(last) = events.last().map(|e| e.0) else {
                 break;
             };
-            let mut events = Vec::with_capacity(rows.len());
-            for (id, body) in &rows {
-                match AuditEvent::decode(body.as_slice()) {
-                    Ok(e) => events.push(e),
-                    // Cannot happen for events this crate spooled; keep them aside, not lost.
-                    Err(e) => spool
-                        .reject_through(*id, *id, &format!("undecodable in spool: {e}"))
-                        .await
-                        .map_err(|e| e.to_string())?,
-                }
-            }
             requests
-                .send(IngestRequest {
-                    batch_id: last as u64,
-                    events,
+                .send(RawBatch {
+                    batch_id: last,
+                    events: events.iter().map(|e| e.1.clone()).collect(),
                 })
                 .await
                 .map_err(|_| "the ingest stream closed".to_string())?;
-            in_flight.push_back((first, last));
+            in_flight.push_back(InFlight { last, events });
             sent_through = last;
         }
 
         tokio::select! {
             ack = acks.message() => match ack {
                 Ok(Some(ack)) => {
-                    let Some((_, last)) = in_flight.pop_front() else {
+                    let Some(batch) = in_flight.pop_front() else {
                         return Err(format!("acknowledgement of batch {} that was not sent", ack.batch_id).into());
                     };
-                    if ack.batch_id != last as u64 {
-                        return Err(format!("acknowledgement of batch {}, expected {last}", ack.batch_id).into());
+                    if ack.batch_id != batch.last {
+                        return Err(format!("acknowledgement of batch {}, expected {}", ack.batch_id, batch.last).into());
                     }
-                    spool.acknowledge_through(last).await.map_err(|e| e.to_string())?;
+                    spool
+                        .acknowledge_through(batch.last, batch.events.len() as u64)
+                        .map_err(|e| e.to_string())?;
                     for gap in &ack.gaps {
                         tracing::warn!(session = %gap.session_id, from = gap.from, to = gap.to, "audit store reports missing events");
                     }
@@ -225,9 +301,10 @@ async fn ship(
                 Err(status) if status.code() == Code::InvalidArgument => {
                     // The store acknowledges earlier batches before refusing one, so the
                     // refused batch is the oldest in flight. Keep it aside; resend the rest.
-                    if let Some((first, last)) = in_flight.pop_front() {
-                        tracing::error!(reason = status.message(), first, last, "audit store refused a batch; kept in spool_rejected");
-                        spool.reject_through(first, last, status.message()).await.map_err(|e| e.to_string())?;
+                    if let Some(batch) = in_flight.pop_front() {
+                        let first = batch.events.first().map_or(0, |e| e.0);
+                        tracing::error!(reason = status.message(), first, last = batch.last, "audit store refused a batch; kept in the spool's rejected.log");
+                        spool.reject(&batch.events, status.message()).map_err(|e| e.to_string())?;
                     }
                     return Ok(());
                 }
@@ -238,7 +315,8 @@ async fn ship(
                 }
                 Err(status) => return Err(format!("{:?}: {}", status.code(), status.message()).into()),
             },
-            _ = notify.notified(), if in_flight.len() < config.in_flight.max(1) => {}
+            _ = written, if in_flight.len() < config.in_flight.max(1) => {}
+            _ = woken, if in_flight.len() < config.in_flight.max(1) => {}
         }
     }
 }

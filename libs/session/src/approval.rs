@@ -4,7 +4,10 @@
 //! cannot be reached (fail closed).
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
+
+use agentgate_identity::{BearerInterceptor, TokenSource};
 
 use agentgate_policy::LocalDecision;
 use agentgate_proto::approvals::v1::approvals_client::ApprovalsClient;
@@ -14,7 +17,7 @@ use agentgate_proto::approvals::v1::{
 use agentgate_proto::audit::v1::ApprovalRecord;
 use agentgate_proto::audit::v1::audit_event::Detail;
 use agentgate_proto::common::v1::{Decision, Operation};
-use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 
 use crate::gateway::GatewayError;
@@ -34,8 +37,7 @@ const EXPIRY_GRACE: Duration = Duration::from_secs(5);
 /// connected.
 #[derive(Clone)]
 pub(crate) struct ApprovalsApi {
-    grpc: ApprovalsClient<Channel>,
-    authorization: MetadataValue<Ascii>,
+    grpc: ApprovalsClient<InterceptedService<Channel, BearerInterceptor>>,
     url: String,
     retry: Duration,
 }
@@ -44,7 +46,7 @@ impl ApprovalsApi {
     pub(crate) fn new(
         url: &str,
         tls: Option<ClientTlsConfig>,
-        service_token: &str,
+        service_token: Arc<dyn TokenSource>,
         retry: Duration,
     ) -> Result<ApprovalsApi, GatewayError> {
         let invalid = |reason: String| GatewayError::Approvals {
@@ -60,22 +62,28 @@ impl ApprovalsApi {
                 .tls_config(tls)
                 .map_err(|e| invalid(format!("TLS: {e}")))?;
         }
-        let authorization = format!("Bearer {service_token}")
-            .parse()
-            .map_err(|_| GatewayError::ServiceToken)?;
+        // A token there now must be sendable (a mistake to fix at start); one missing now
+        // (a file not yet written) fails each call until it appears, which refuses what
+        // needed approval (fail closed).
+        match service_token.token() {
+            Ok(token) => {
+                agentgate_identity::bearer_header(&token)
+                    .map_err(|_| GatewayError::ServiceToken)?;
+            }
+            Err(e) => tracing::warn!(error = %e, "no service token for approvals yet"),
+        }
         Ok(ApprovalsApi {
-            grpc: ApprovalsClient::new(endpoint.connect_lazy()),
-            authorization,
+            grpc: ApprovalsClient::with_interceptor(
+                endpoint.connect_lazy(),
+                BearerInterceptor::from_source(service_token),
+            ),
             url: url.to_owned(),
             retry,
         })
     }
 
     fn request<T>(&self, message: T) -> tonic::Request<T> {
-        let mut r = tonic::Request::new(message);
-        r.metadata_mut()
-            .insert("authorization", self.authorization.clone());
-        agentgate_telemetry::inject_context(r)
+        agentgate_telemetry::inject_context(tonic::Request::new(message))
     }
 
     async fn create(&self, create: CreateRequest) -> Result<ApprovalRequest, tonic::Status> {

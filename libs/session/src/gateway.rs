@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use agentgate_authz::client::{AuthzClient, Refused};
+use agentgate_identity::{FixedToken, TokenSource};
 use agentgate_masking::HashKey;
 use agentgate_proto::audit::v1::audit_event::Detail;
 use agentgate_proto::audit::v1::{AuditEvent, SessionStarted};
@@ -45,16 +46,13 @@ pub struct GatewayConfig {
     pub approvals_url: String,
     /// TLS (and client certificate) for the approvals service.
     pub approvals_tls: Option<ClientTlsConfig>,
-    /// The proxy's service token (`agentgate token issue --kind service ...`), presented to
-    /// approvals as `Bearer`; approvals lets only service principals create requests on an
-    /// agent's behalf with the reviewers policy names. Never logged.
-    pub service_token: String,
+    /// The proxy's service token, presented to approvals as `Bearer` and asked for anew on
+    /// every call (a renewed file is picked up); approvals lets only service principals create
+    /// requests on an agent's behalf with the reviewers policy names. Never logged.
+    pub service_token: Arc<dyn TokenSource>,
     /// The deployment's key for the keyed-hash masking strategy; sessions whose policy uses
     /// that strategy are refused without it.
     pub masking_hash_key: Option<HashKey>,
-    /// Events one session may have queued for its audit writer before recording makes the
-    /// proxy wait (backpressure; nothing is dropped). Default 1024.
-    pub record_queue: usize,
     /// How long a held operation keeps trying to reach approvals after losing it before the
     /// operation is refused (fail closed). Default 15 s.
     pub approvals_retry: Duration,
@@ -63,7 +61,8 @@ pub struct GatewayConfig {
 }
 
 impl GatewayConfig {
-    /// A configuration with the defaults above.
+    /// A configuration with the defaults above and a fixed service token (see
+    /// [`GatewayConfig::with_token_source`] for one that is renewed).
     pub fn new(
         proxy: impl Into<String>,
         protocol: Protocol,
@@ -75,12 +74,19 @@ impl GatewayConfig {
             protocol,
             approvals_url: approvals_url.into(),
             approvals_tls: None,
-            service_token: service_token.into(),
+            service_token: Arc::new(FixedToken::new(service_token)),
             masking_hash_key: None,
-            record_queue: 1024,
             approvals_retry: Duration::from_secs(15),
             grant_stream_max_backoff: Duration::from_secs(5),
         }
+    }
+}
+
+impl GatewayConfig {
+    /// Presents the token `source` gives at the time of each call.
+    pub fn with_token_source(mut self, source: Arc<dyn TokenSource>) -> GatewayConfig {
+        self.service_token = source;
+        self
     }
 }
 
@@ -93,7 +99,6 @@ impl std::fmt::Debug for GatewayConfig {
             .field("approvals_tls", &self.approvals_tls.is_some())
             .field("service_token", &"<redacted>")
             .field("masking_hash_key", &self.masking_hash_key)
-            .field("record_queue", &self.record_queue)
             .field("approvals_retry", &self.approvals_retry)
             .field("grant_stream_max_backoff", &self.grant_stream_max_backoff)
             .finish()
@@ -146,7 +151,6 @@ pub(crate) struct GatewayInner {
     pub(crate) proxy: String,
     pub(crate) protocol: Protocol,
     pub(crate) hash_key: Option<HashKey>,
-    pub(crate) record_queue: usize,
     pub(crate) registry: Arc<Registry>,
     stream_state: watch::Receiver<GrantStreamState>,
     /// Dropped with the gateway, which tells the subscription task to stop.
@@ -168,7 +172,7 @@ impl Gateway {
         let approvals = ApprovalsApi::new(
             &config.approvals_url,
             config.approvals_tls.clone(),
-            &config.service_token,
+            config.service_token.clone(),
             config.approvals_retry,
         )?;
         let registry = Arc::new(Registry::default());
@@ -182,6 +186,20 @@ impl Gateway {
             stopped,
             config.grant_stream_max_backoff,
         ));
+        // A failed spool write loses the events in it, whichever sessions they were of:
+        // every live session ends (RecordingFailed) rather than run on with a hole in its
+        // record. New sessions open again once the spool writes (session.start must be
+        // durable first).
+        let mut failures = recorder.write_failures();
+        let failing = registry.clone();
+        tokio::spawn(async move {
+            while let Some(why) = failures.next().await {
+                tracing::error!(error = %why, "audit spool write failed; ending every live session");
+                for (_, end) in failing.snapshot() {
+                    crate::session::signal(&end, EndReason::RecordingFailed(why.clone()));
+                }
+            }
+        });
         Ok(Gateway {
             inner: Arc::new(GatewayInner {
                 authz,
@@ -190,7 +208,6 @@ impl Gateway {
                 proxy: config.proxy,
                 protocol: config.protocol,
                 hash_key: config.masking_hash_key,
-                record_queue: config.record_queue,
                 registry,
                 stream_state,
                 _stop: stop,
@@ -304,9 +321,11 @@ impl Gateway {
             ..Default::default()
         };
         let failed = end.clone();
-        let events = crate::record::spawn(g.recorder.clone(), template, g.record_queue, move |e| {
-            crate::session::signal(&failed, EndReason::RecordingFailed(e));
-        });
+        let events = Arc::new(crate::record::Writer::new(
+            g.recorder.clone(),
+            &template,
+            move |e| crate::session::signal(&failed, EndReason::RecordingFailed(e)),
+        ));
         let session = Session::new(Shared::new(
             self.inner.clone(),
             session_id,

@@ -92,6 +92,7 @@
 #![deny(missing_docs)]
 
 mod approval;
+mod control;
 mod gateway;
 mod masking;
 mod message;
@@ -103,6 +104,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 pub use agentgate_authz::client::Refused;
 pub use agentgate_policy::LocalDecision;
 pub use approval::{ApprovalOutcome, PendingApproval};
+pub use control::{ControlPlane, ControlPlaneError, ServiceCredentials, connect};
 pub use gateway::{Gateway, GatewayConfig, GatewayError, GrantStreamState};
 pub use masking::{MaskingPolicyError, masker_for, masking_config};
 pub use message::{EndReason, one_line, refusal_message};

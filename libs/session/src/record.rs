@@ -1,39 +1,26 @@
-//! The session's audit writer: one task per session that numbers the session's events and
-//! appends them to the recorder's durable spool, in order, without making the proxy wait.
+//! The session's audit writer: numbers the session's events and queues them at the
+//! recorder's spool, in order, without making the proxy wait for the disk.
 //!
-//! Why not call `SessionRecorder::record` per operation: it returns once the event is fsynced
-//! and holds the session's sequence lock meanwhile, so one session records one event per
-//! fsync — measured at about 2.7 ms per event on the development machine, twenty times a
-//! typical proxied query. Here the proxy hands the event to a bounded queue and goes on; the
-//! writer keeps up to [`MAX_IN_FLIGHT`] appends of the session in flight, so they share the
-//! spool's group commits (about 0.1 ms per event, measured the same way).
+//! Why not `SessionRecorder::record` per operation: it returns once the event is fsynced, so
+//! a proxy calling it per statement would wait a disk flush per statement. Here an event is
+//! numbered and queued under the session's lock (a copy into the spool's queue: no task, no
+//! channel, no wake-up per event); the spool's writer thread makes whatever queued up
+//! meanwhile durable with one write and one fdatasync. The fields every event of the session
+//! repeats are encoded once ([`agentgate_recorder::EventTemplate`]).
 //!
-//! Order: every append is polled once, in sequence order, before the next is created, which
-//! puts it in the spool's (FIFO-fair) queue; the spool commits in that order. Nothing is
-//! dropped: a full queue makes the proxy wait (backpressure), and a failed append ends the
-//! session (see [`crate::EndReason::RecordingFailed`]).
+//! Order: numbering and queueing happen under one lock, and the spool writes in queue order,
+//! so spool order is sequence order. Nothing is dropped: when the spool's queue is over its
+//! bound the proxy waits (backpressure), and a failed write ends the session (see
+//! [`crate::EndReason::RecordingFailed`]).
 
 use std::collections::HashMap;
-use std::future::Future;
-use std::pin::Pin;
+use std::sync::Mutex;
 
 use agentgate_proto::audit::v1::AuditEvent;
 use agentgate_proto::audit::v1::audit_event::Detail;
-use agentgate_recorder::{Recorder, RecorderError};
-use futures::StreamExt as _;
-use futures::stream::FuturesOrdered;
-use tokio::sync::{mpsc, oneshot};
+use agentgate_recorder::{EventTemplate, Recorder, RecorderError, Ticket};
 
-/// Appends of one session in flight at once: enough to fill a spool group commit.
-pub(crate) const MAX_IN_FLIGHT: usize = 256;
-
-/// What the session sends its writer.
-pub(crate) enum Command {
-    /// Record one event.
-    Event(Box<NewEvent>),
-    /// Answer once everything sent before is durable (or failed).
-    Flush(oneshot::Sender<Result<(), String>>),
-}
+use crate::session::RecordError;
 
 /// An event of the session before the writer numbers it.
 pub(crate) struct NewEvent {
@@ -44,77 +31,119 @@ pub(crate) struct NewEvent {
     pub(crate) attributes: HashMap<String, String>,
 }
 
-type Append = Pin<Box<dyn Future<Output = Result<(), RecorderError>> + Send>>;
-
-/// Starts the writer of one session. `template` carries what every event of the session
-/// repeats (session id, principal, source, connection, protocol, role); `on_failure` is told
-/// the first failure.
-pub(crate) fn spawn(
+/// Numbers and queues one session's events.
+pub(crate) struct Writer {
     recorder: Recorder,
-    template: AuditEvent,
-    capacity: usize,
-    on_failure: impl Fn(String) + Send + Sync + 'static,
-) -> mpsc::Sender<Command> {
-    let (tx, rx) = mpsc::channel(capacity.max(1));
-    tokio::spawn(write_loop(recorder, template, rx, on_failure));
-    tx
+    template: EventTemplate,
+    state: Mutex<State>,
+    on_failure: Box<dyn Fn(String) + Send + Sync>,
 }
 
-async fn write_loop(
-    recorder: Recorder,
-    template: AuditEvent,
-    mut rx: mpsc::Receiver<Command>,
-    on_failure: impl Fn(String) + Send + Sync + 'static,
-) {
-    let mut next_sequence = 1u64;
-    let mut in_flight: FuturesOrdered<Append> = FuturesOrdered::new();
-    let mut failure: Option<String> = None;
-    let note = |result: Result<(), RecorderError>, failure: &mut Option<String>| {
-        if let Err(e) = result {
-            tracing::error!(session = %template.session_id, error = %e, "audit spool append failed; ending the session");
-            if failure.is_none() {
-                on_failure(e.to_string());
-                *failure = Some(e.to_string());
-            }
-        }
-    };
-    loop {
-        tokio::select! {
-            biased;
-            Some(done) = in_flight.next(), if !in_flight.is_empty() => note(done, &mut failure),
-            command = rx.recv(), if in_flight.len() < MAX_IN_FLIGHT => match command {
-                None => break,
-                Some(Command::Event(new)) => {
-                    let NewEvent { time, kind, detail, attributes } = *new;
-                    let event = AuditEvent {
-                        sequence: next_sequence,
-                        time: Some(time),
-                        kind,
-                        detail,
-                        attributes,
-                        ..template.clone()
-                    };
-                    next_sequence += 1;
-                    let recorder = recorder.clone();
-                    let mut append: Append =
-                        Box::pin(async move { recorder.record_event(&event).await });
-                    // The first poll queues the append at the spool (or finishes it): this is
-                    // what keeps spool order equal to sequence order.
-                    match futures::poll!(append.as_mut()) {
-                        std::task::Poll::Ready(done) => note(done, &mut failure),
-                        std::task::Poll::Pending => in_flight.push_back(append),
-                    }
-                }
-                Some(Command::Flush(reply)) => {
-                    while let Some(done) = in_flight.next().await {
-                        note(done, &mut failure);
-                    }
-                    let _ = reply.send(failure.clone().map_or(Ok(()), Err));
-                }
-            },
+#[derive(Default)]
+struct State {
+    next_sequence: u64,
+    /// Queued events not yet confirmed durable: the first and the last.
+    unconfirmed: Option<(Ticket, Ticket)>,
+    failure: Option<String>,
+}
+
+impl Writer {
+    /// The writer of one session. `template` carries what every event of the session repeats
+    /// (session id, principal, source, connection, protocol, role); `on_failure` is told the
+    /// first failure.
+    pub(crate) fn new(
+        recorder: Recorder,
+        template: &AuditEvent,
+        on_failure: impl Fn(String) + Send + Sync + 'static,
+    ) -> Writer {
+        Writer {
+            recorder,
+            template: EventTemplate::new(template),
+            state: Mutex::new(State {
+                next_sequence: 1,
+                ..Default::default()
+            }),
+            on_failure: Box::new(on_failure),
         }
     }
-    while let Some(done) = in_flight.next().await {
-        note(done, &mut failure);
+
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        // Every update under this lock is a plain assignment: a poisoned lock is consistent.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn failed(&self, state: &mut State, e: &RecorderError) -> RecordError {
+        let why = e.to_string();
+        if state.failure.is_none() {
+            tracing::error!(error = %why, "audit spool append failed; ending the session");
+            (self.on_failure)(why.clone());
+            state.failure = Some(why.clone());
+        }
+        match e {
+            RecorderError::Closed => RecordError::Closed,
+            _ => RecordError::Spool(why),
+        }
+    }
+
+    /// Numbers and queues one event; waits only while the spool's queue is full.
+    pub(crate) async fn record(&self, new: NewEvent) -> Result<(), RecordError> {
+        if let Err(e) = self.recorder.reserve().await {
+            return Err(self.failed(&mut self.state(), &e));
+        }
+        let mut state = self.state();
+        if let Some(f) = &state.failure {
+            return Err(RecordError::Spool(f.clone()));
+        }
+        let NewEvent {
+            time,
+            kind,
+            detail,
+            attributes,
+        } = new;
+        let event = AuditEvent {
+            sequence: state.next_sequence,
+            time: Some(time),
+            kind,
+            detail,
+            attributes,
+            ..Default::default()
+        };
+        match self.recorder.queue_templated(&self.template, &event) {
+            Ok(ticket) => {
+                state.next_sequence += 1;
+                state.unconfirmed = Some(match state.unconfirmed {
+                    Some((first, _)) => (first, ticket),
+                    None => (ticket, ticket),
+                });
+                Ok(())
+            }
+            Err(e) => Err(self.failed(&mut state, &e)),
+        }
+    }
+
+    /// Waits until every event queued so far is durable.
+    pub(crate) async fn flush(&self) -> Result<(), RecordError> {
+        let unconfirmed = {
+            let state = self.state();
+            if let Some(f) = &state.failure {
+                return Err(RecordError::Spool(f.clone()));
+            }
+            state.unconfirmed
+        };
+        let Some((first, last)) = unconfirmed else {
+            return Ok(());
+        };
+        let result = self.recorder.durable_range(first, last).await;
+        let mut state = self.state();
+        match result {
+            Ok(()) => {
+                // Confirmed through `last`; what was queued since stays unconfirmed.
+                if let Some((_, now_last)) = state.unconfirmed {
+                    state.unconfirmed = (now_last != last).then_some((last, now_last));
+                }
+                Ok(())
+            }
+            Err(e) => Err(self.failed(&mut state, &e)),
+        }
     }
 }

@@ -13,11 +13,10 @@ use agentgate_proto::audit::v1::audit_event::Detail;
 use agentgate_proto::audit::v1::{OperationRecord, SessionEnded};
 use agentgate_proto::authz::v1::{Connection, Grant, SessionPolicy, UpstreamIdentity};
 use agentgate_proto::common::v1::{Decision, MaskingCount, Operation, Principal, Protocol};
-use tokio::sync::{mpsc, oneshot};
 
 use crate::gateway::{CLOSE_TIMEOUT, EndSignal, GatewayInner};
 use crate::message::EndReason;
-use crate::record::{Command, NewEvent};
+use crate::record::{NewEvent, Writer};
 use crate::to_timestamp;
 
 /// How long closing waits for the session's queued events to reach the spool.
@@ -202,7 +201,7 @@ pub(crate) struct Shared {
     pub(crate) policy: SessionPolicy,
     pub(crate) masker: Masker,
     pub(crate) end: EndSignal,
-    events: mpsc::Sender<Command>,
+    events: Arc<Writer>,
     operations: AtomicU64,
     bytes_in: AtomicU64,
     bytes_out: AtomicU64,
@@ -224,7 +223,7 @@ impl Shared {
         policy: SessionPolicy,
         masker: Masker,
         end: EndSignal,
-        events: mpsc::Sender<Command>,
+        events: Arc<Writer>,
     ) -> Shared {
         let left = expires_at
             .duration_since(SystemTime::now())
@@ -354,10 +353,11 @@ impl Session {
 
     /// Records one operation, in order with every other event of the session.
     ///
-    /// Returns as soon as the event is queued for the session's audit writer (which makes it
-    /// durable in the spool moments later, batched with others); it waits only when the queue
-    /// is full — backpressure, never a dropped event. If the spool fails, the session ends
-    /// with [`EndReason::RecordingFailed`].
+    /// Returns as soon as the event is numbered and queued at the recorder's spool (whose
+    /// writer makes it durable moments later, in one write with whatever else queued
+    /// meanwhile); it waits only when the spool's queue is full — backpressure, never a
+    /// dropped event. If the spool fails, the session ends with
+    /// [`EndReason::RecordingFailed`].
     pub async fn record_operation(&self, event: OperationEvent) -> Result<(), RecordError> {
         let OperationEvent {
             operation,
@@ -433,19 +433,18 @@ impl Session {
     ) -> Result<(), RecordError> {
         self.shared
             .events
-            .send(Command::Event(Box::new(NewEvent {
+            .record(NewEvent {
                 time: to_timestamp(SystemTime::now()),
                 kind: kind.to_owned(),
                 detail,
                 attributes,
-            })))
+            })
             .await
-            .map_err(|_| RecordError::Closed)
     }
 
     /// Waits until every event recorded so far is durable in the spool.
     pub async fn flush(&self) -> Result<(), RecordError> {
-        flush(&self.shared.events).await
+        self.shared.events.flush().await
     }
 
     /// Adds to the session's byte counters (agent → upstream, upstream → agent), reported in
@@ -507,17 +506,6 @@ impl Session {
     }
 }
 
-async fn flush(events: &mpsc::Sender<Command>) -> Result<(), RecordError> {
-    let (tx, rx) = oneshot::channel();
-    events
-        .send(Command::Flush(tx))
-        .await
-        .map_err(|_| RecordError::Closed)?;
-    rx.await
-        .map_err(|_| RecordError::Closed)?
-        .map_err(RecordError::Spool)
-}
-
 async fn close_with_authz(gateway: &GatewayInner, id: &str, reason: &EndReason) {
     let why = reason.to_string();
     let closing = gateway.authz.close_session(id, &why);
@@ -555,14 +543,14 @@ impl Drop for Shared {
         let id = self.id.clone();
         runtime.spawn(async move {
             let _ = events
-                .send(Command::Event(Box::new(NewEvent {
+                .record(NewEvent {
                     time: to_timestamp(SystemTime::now()),
                     kind: "session.end".into(),
                     detail: Some(Detail::SessionEnded(ended)),
                     attributes: HashMap::new(),
-                })))
+                })
                 .await;
-            let _ = tokio::time::timeout(CLOSE_FLUSH_TIMEOUT, flush(&events)).await;
+            let _ = tokio::time::timeout(CLOSE_FLUSH_TIMEOUT, events.flush()).await;
             close_with_authz(&gateway, &id, &reason).await;
         });
     }

@@ -309,6 +309,26 @@ fn not_exporter_internals() -> Targets {
         .with_target("opentelemetry_otlp", LevelFilter::OFF)
 }
 
+/// Resolves when the process is asked to stop: Ctrl-C, or SIGTERM as Docker, Kubernetes and
+/// systemd send it. Every service binary stops gracefully on it.
+pub async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => return ctrl_c.await.unwrap_or_default(),
+            };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {

@@ -28,18 +28,12 @@ async fn main() {
 
 async fn run() -> anyhow::Result<()> {
     agentgate_tls::install_crypto_provider();
-    let mut args = std::env::args().skip(1);
-    let config_path = match (args.next().as_deref(), args.next()) {
-        (Some("--config"), Some(path)) => Some(PathBuf::from(path)),
-        (None, _) => None,
-        _ => anyhow::bail!("usage: agentgate-approvals [--config FILE]"),
-    };
     let config: FileConfig =
-        agentgate_config::load(config_path.as_deref(), "AGENTGATE", &["data_dir"])?;
+        agentgate_config::load_service("agentgate-approvals", std::env::args().skip(1))?;
     let _telemetry = agentgate_telemetry::init("approvals", &config.telemetry)?;
     let data_dir = config
         .data_dir
-        .unwrap_or_else(|| PathBuf::from("/var/lib/agentgate"));
+        .unwrap_or_else(|| PathBuf::from(agentgate_config::DEFAULT_DATA_DIR));
     let authenticator = agentgate_approvals::authenticator_from_config(&config.approvals.auth)?;
     let metrics = agentgate_telemetry::Metrics::new("approvals");
     let mut running = agentgate_approvals::start(
@@ -51,24 +45,12 @@ async fn run() -> anyhow::Result<()> {
     )
     .await?;
     if let Some(addr) = config.telemetry.metrics_address {
-        agentgate_telemetry::serve_metrics(addr, metrics, shutdown_signal())
+        agentgate_telemetry::serve_metrics(addr, metrics, agentgate_telemetry::shutdown_signal())
             .await
             .with_context(|| format!("metrics endpoint {addr}"))?;
     }
     tokio::select! {
         r = running.wait() => r,
-        _ = shutdown_signal() => running.shutdown().await,
-    }
-}
-
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(_) => return ctrl_c.await.unwrap_or_default(),
-    };
-    tokio::select! {
-        _ = ctrl_c => {}
-        _ = term.recv() => {}
+        _ = agentgate_telemetry::shutdown_signal() => running.shutdown().await,
     }
 }

@@ -1,7 +1,10 @@
 //! The proxies' side of authz. Every failure to get an answer — authz down, slow, or
 //! answering with an error — is a refusal: nothing is allowed by default (fail closed).
 
+use std::sync::Arc;
 use std::time::Duration;
+
+use agentgate_identity::{FixedToken, TokenSource};
 
 use agentgate_proto::authz::v1::authz_client::AuthzClient as Grpc;
 use agentgate_proto::authz::v1::{
@@ -45,15 +48,26 @@ impl From<tonic::Status> for Refused {
 #[derive(Clone)]
 pub struct AuthzClient {
     grpc: Grpc<Channel>,
-    token: String,
+    token: Arc<dyn TokenSource>,
     url: String,
 }
 
 impl AuthzClient {
-    /// Prepares the connection; it is made on first use, so a proxy can start before authz.
+    /// Prepares the connection with a fixed service token (tests, short-lived jobs); it is
+    /// made on first use, so a proxy can start before authz.
     pub fn new(
         url: &str,
         service_token: &str,
+        tls: Option<ClientTlsConfig>,
+    ) -> Result<AuthzClient, Refused> {
+        AuthzClient::with_token_source(url, Arc::new(FixedToken::new(service_token)), tls)
+    }
+
+    /// Like [`AuthzClient::new`], asking `token` on every call: a renewed token file or an
+    /// in-process issuer is picked up without a restart.
+    pub fn with_token_source(
+        url: &str,
+        token: Arc<dyn TokenSource>,
         tls: Option<ClientTlsConfig>,
     ) -> Result<AuthzClient, Refused> {
         let mut endpoint = Endpoint::from_shared(url.to_owned())
@@ -67,14 +81,20 @@ impl AuthzClient {
         }
         Ok(AuthzClient {
             grpc: Grpc::new(endpoint.connect_lazy()),
-            token: service_token.to_owned(),
+            token,
             url: url.to_owned(),
         })
     }
 
     fn request<T>(&self, message: T) -> Result<tonic::Request<T>, Refused> {
         let mut r = tonic::Request::new(message);
-        let value = format!("Bearer {}", self.token).parse().map_err(|_| {
+        // Without its own credential the proxy cannot ask, so it refuses (fail closed); the
+        // reason (a file path, perhaps) goes to the log, not to the agent.
+        let token = self.token.token().map_err(|e| {
+            tracing::error!(error = %e, "no service token to present to authz");
+            Refused::Unavailable("this proxy has no valid service token".into())
+        })?;
+        let value = agentgate_identity::bearer_header(&token).map_err(|_| {
             Refused::Invalid("the service token is not a valid header value".into())
         })?;
         r.metadata_mut().insert("authorization", value);

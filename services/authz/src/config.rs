@@ -53,6 +53,15 @@ pub struct AuthzConfig {
     /// `DATA_DIR/<name>.recorder.token` (mode 0600), renewed at half its lifetime. Point the
     /// service's token file at it (`approvals.audit.token_file`).
     pub recorder_tokens: Vec<String>,
+    /// Proxies beside authz, sharing its data directory (docker-compose): for each name
+    /// authz keeps a token for `service:<name>` (kind service, accepted by authz, approvals
+    /// and the audit store) in `DATA_DIR/<name>.service.token` (mode 0600), renewed at half
+    /// its lifetime. Point the proxy's `service_token_file` at it.
+    pub service_tokens: Vec<String>,
+    /// Lifetime of the `service_tokens` files' tokens and of those authz signs for proxies in
+    /// the same process. Short, since whoever reads the file holds a proxy's powers.
+    #[serde(with = "humantime_serde")]
+    pub service_token_ttl: Duration,
     pub tls: TlsConfig,
     /// The connection catalog.
     pub connections: Vec<ConnectionConfig>,
@@ -89,6 +98,8 @@ impl Default for AuthzConfig {
             audit_url: None,
             recorder_token_ttl: Duration::from_secs(15 * 60),
             recorder_tokens: Vec::new(),
+            service_tokens: Vec::new(),
+            service_token_ttl: Duration::from_secs(3600),
             tls: TlsConfig::default(),
             connections: Vec::new(),
             oidc_issuers: Vec::new(),

@@ -10,8 +10,8 @@ pub mod client;
 pub mod config;
 mod core;
 mod oidc;
-pub mod recorder_tokens;
 mod service;
+pub mod service_tokens;
 pub mod ssh;
 mod store;
 
@@ -30,7 +30,7 @@ use tokio::task::JoinHandle;
 
 pub use config::{AuthzConfig, ConnectionConfig, OidcIssuerConfig, SshKeyConfig, UpstreamConfig};
 pub use core::Core;
-pub use recorder_tokens::{ServiceTokens, recorder_token_path};
+pub use service_tokens::{ServiceTokens, recorder_token_path, service_token_path};
 
 /// The file authz writes its token-verification public key to (SPKI PEM), for services that
 /// verify tokens themselves, such as a standalone approvals (`approvals.auth.public_keys`).
@@ -49,9 +49,10 @@ pub struct RunningAuthz {
     /// Where the bootstrap admin token is.
     pub admin_token_path: PathBuf,
     recorder_token_ttl: Duration,
+    service_token_ttl: Duration,
     shutdown: Option<oneshot::Sender<()>>,
     task: JoinHandle<Result<(), tonic::transport::Error>>,
-    /// Renews the `recorder_tokens` files.
+    /// Renews the `recorder_tokens` and `service_tokens` files.
     token_files: Option<JoinHandle<()>>,
 }
 
@@ -62,7 +63,8 @@ impl RunningAuthz {
         Arc::new(CoreAuthenticator(self.core.clone()))
     }
 
-    /// Signs a service token for another agentgate service in this process.
+    /// Signs one service token for another agentgate service in this process (tests,
+    /// benchmarks); a long-running service takes [`RunningAuthz::service_token_source`].
     pub fn service_token(&self, service: &str, ttl: Duration) -> anyhow::Result<String> {
         let (token, _) = self.core.issuer.issue(&TokenRequest {
             subject: format!("service:{service}"),
@@ -74,10 +76,21 @@ impl RunningAuthz {
         Ok(token)
     }
 
+    /// A renewing service token for another agentgate service in this process (a proxy in
+    /// `agentgate up`): subject `service:<service>`, accepted by authz, approvals and the
+    /// audit store, signed anew at half its lifetime (`authz.service_token_ttl`).
+    pub fn service_token_source(&self, service: &str) -> Arc<dyn agentgate_identity::TokenSource> {
+        Arc::new(ServiceTokens::service(
+            self.core.issuer.clone(),
+            service,
+            self.service_token_ttl,
+        ))
+    }
+
     /// A renewing recorder token for another agentgate service in this process (subject
     /// `service:<service>`, audience `audit-store`), for its `RecorderConfig`.
-    pub fn recorder_token_source(&self, service: &str) -> Arc<dyn agentgate_recorder::TokenSource> {
-        Arc::new(ServiceTokens::new(
+    pub fn recorder_token_source(&self, service: &str) -> Arc<dyn agentgate_identity::TokenSource> {
+        Arc::new(ServiceTokens::recorder(
             self.core.issuer.clone(),
             service,
             self.recorder_token_ttl,
@@ -165,12 +178,16 @@ pub async fn start(config: &AuthzConfig, data_dir: &Path) -> anyhow::Result<Runn
         }
     }
     for name in &config.recorder_tokens {
-        recorder_tokens::check_service_name(name).map_err(anyhow::Error::msg)?;
+        service_tokens::check_service_name("recorder_tokens", name).map_err(anyhow::Error::msg)?;
+    }
+    for name in &config.service_tokens {
+        service_tokens::check_service_name("service_tokens", name).map_err(anyhow::Error::msg)?;
     }
     let recorder = match &config.audit_url {
         Some(url) => {
             // The store takes events from service principals only: authz signs its own.
-            let tokens = ServiceTokens::new(issuer.clone(), "authz", config.recorder_token_ttl);
+            let tokens =
+                ServiceTokens::recorder(issuer.clone(), "authz", config.recorder_token_ttl);
             let r = agentgate_recorder::Recorder::open(
                 agentgate_recorder::RecorderConfig::new(
                     url.clone(),
@@ -222,19 +239,21 @@ pub async fn start(config: &AuthzConfig, data_dir: &Path) -> anyhow::Result<Runn
 
     let admin_token_path = data_dir.join(ADMIN_TOKEN_FILE);
     bootstrap_admin(&core, &admin_token_path, config.bootstrap_admin_ttl).await?;
-    let token_files = recorder_tokens::keep_files_fresh(
-        config
-            .recorder_tokens
-            .iter()
-            .map(|name| {
-                (
-                    ServiceTokens::new(issuer.clone(), name, config.recorder_token_ttl),
-                    recorder_token_path(data_dir, name),
-                )
-            })
-            .collect(),
-    )
-    .context("authz.recorder_tokens: writing the token files")?;
+    let recorder_files = config.recorder_tokens.iter().map(|name| {
+        (
+            ServiceTokens::recorder(issuer.clone(), name, config.recorder_token_ttl),
+            recorder_token_path(data_dir, name),
+        )
+    });
+    let service_files = config.service_tokens.iter().map(|name| {
+        (
+            ServiceTokens::service(issuer.clone(), name, config.service_token_ttl),
+            service_token_path(data_dir, name),
+        )
+    });
+    let token_files =
+        service_tokens::keep_files_fresh(recorder_files.chain(service_files).collect())
+            .context("authz.recorder_tokens / service_tokens: writing the token files")?;
 
     let access = Arc::new(access::AccessRequests::new(
         config.approvals_url.as_deref(),
@@ -275,6 +294,7 @@ pub async fn start(config: &AuthzConfig, data_dir: &Path) -> anyhow::Result<Runn
         core,
         admin_token_path,
         recorder_token_ttl: config.recorder_token_ttl,
+        service_token_ttl: config.service_token_ttl,
         shutdown: Some(shutdown_tx),
         task,
         token_files,

@@ -24,21 +24,15 @@ async fn main() {
 
 async fn run() -> anyhow::Result<()> {
     agentgate_tls::install_crypto_provider();
-    let mut args = std::env::args().skip(1);
-    let config_path = match (args.next().as_deref(), args.next()) {
-        (Some("--config"), Some(path)) => Some(PathBuf::from(path)),
-        (None, _) => None,
-        _ => anyhow::bail!("usage: agentgate-authz [--config FILE]"),
-    };
     let config: FileConfig =
-        agentgate_config::load(config_path.as_deref(), "AGENTGATE", &["data_dir"])?;
+        agentgate_config::load_service("agentgate-authz", std::env::args().skip(1))?;
     let _telemetry = agentgate_telemetry::init("authz", &config.telemetry)?;
     let data_dir = config
         .data_dir
-        .unwrap_or_else(|| PathBuf::from("/var/lib/agentgate"));
+        .unwrap_or_else(|| PathBuf::from(agentgate_config::DEFAULT_DATA_DIR));
     let mut running = agentgate_authz::start(&config.authz, &data_dir).await?;
     tokio::select! {
         r = running.wait() => r,
-        r = tokio::signal::ctrl_c() => { r?; running.shutdown().await }
+        _ = agentgate_telemetry::shutdown_signal() => running.shutdown().await,
     }
 }

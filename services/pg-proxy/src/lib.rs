@@ -53,6 +53,13 @@ pub struct PgProxyConfig {
     /// Certificate and key for agents' TLS (answering SSLRequest). Without them SSLRequest
     /// is declined and only loopback clients may log in (if allowed below).
     pub tls: TlsConfig,
+    /// Without `tls`: a directory where pg-proxy creates, once, a private CA (`ca.pem`) and a
+    /// certificate for itself (`pg-proxy.pem`), and answers SSLRequest with it. Agents then
+    /// get encryption with `sslmode=require`, and verification with
+    /// `sslmode=verify-ca sslrootcert=DIR/ca.pem`. Meant for single-host deployments
+    /// (docker-compose), where agents arrive through a port mapping rather than from
+    /// loopback; in production give `tls` a certificate from your own CA.
+    pub generated_tls_dir: Option<PathBuf>,
     /// Let clients on loopback send their token without TLS (a local agent, tests).
     pub allow_cleartext_on_loopback: bool,
     /// Largest message accepted from an agent.
@@ -81,6 +88,7 @@ impl Default for PgProxyConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 6432)),
             name: "pg-proxy".into(),
             tls: TlsConfig::default(),
+            generated_tls_dir: None,
             allow_cleartext_on_loopback: true,
             max_message_bytes: agentgate_pgwire::DEFAULT_MAX_MESSAGE_LEN,
             startup_timeout: Duration::from_secs(30),
@@ -140,11 +148,12 @@ impl RunningPgProxy {
 
 /// Binds the listener and serves agents through `gateway`.
 pub async fn start(config: &PgProxyConfig, gateway: Gateway) -> anyhow::Result<RunningPgProxy> {
-    let tls = match config.tls.identity().context("pg_proxy.tls")? {
+    let agent_tls = agent_tls(config)?;
+    let tls = match agent_tls.identity().context("pg_proxy.tls")? {
         Some(_) => {
             let server = agentgate_tls::rustls_server_config(&TlsConfig {
                 ca: None,
-                ..config.tls.clone()
+                ..agent_tls.clone()
             })
             .context("pg_proxy.tls")?;
             Some(tokio_rustls::TlsAcceptor::from(server))
@@ -188,70 +197,97 @@ pub async fn start(config: &PgProxyConfig, gateway: Gateway) -> anyhow::Result<R
     })
 }
 
+/// The certificate pg-proxy answers SSLRequest with: `tls`, or else the one it keeps in
+/// `generated_tls_dir` (created on first start, reused after, so agents can pin its CA).
+fn agent_tls(config: &PgProxyConfig) -> anyhow::Result<TlsConfig> {
+    let dir = match (&config.generated_tls_dir, config.tls.enabled()) {
+        (Some(dir), false) => dir,
+        _ => return Ok(config.tls.clone()),
+    };
+    let cert = dir.join("pg-proxy.pem");
+    let key = dir.join("pg-proxy-key.pem");
+    if !(cert.exists() && key.exists()) {
+        agentgate_tls::generate_dev_certs(dir, &["pg-proxy"])
+            .with_context(|| format!("pg_proxy.generated_tls_dir {}", dir.display()))?;
+        tracing::info!(ca = %dir.join("ca.pem").display(), "pg-proxy created its TLS certificate; agents verify it with this CA");
+    }
+    Ok(TlsConfig {
+        cert: Some(cert),
+        key: Some(key),
+        ca: None,
+    })
+}
+
 /// Everything pg-proxy needs from the control plane, built from its configuration: the
-/// authz client, the recorder and the session gateway. The service token is read from
-/// `service_token_file` (re-read for the audit store on every reconnect, so it can be
-/// rotated) or the `AGENTGATE_SERVICE_TOKEN` environment variable.
+/// authz client, the recorder and the session gateway, with the service token from
+/// `service_token_file` (read again on every call, so authz's `service_tokens` can renew it)
+/// or the `AGENTGATE_SERVICE_TOKEN` environment variable.
 pub async fn gateway_from_config(
     config: &PgProxyConfig,
     data_dir: &std::path::Path,
 ) -> anyhow::Result<Gateway> {
-    let (token, recorder_token): (String, Arc<dyn agentgate_recorder::TokenSource>) = match &config
-        .service_token_file
-    {
-        Some(path) => (
-            std::fs::read_to_string(path)
-                .with_context(|| format!("pg_proxy.service_token_file {}", path.display()))?
-                .trim()
-                .to_owned(),
-            Arc::new(agentgate_recorder::TokenFile::new(path)),
-        ),
-        None => {
-            let token = std::env::var("AGENTGATE_SERVICE_TOKEN").context(
-                    "pg-proxy needs a service token: set pg_proxy.service_token_file or AGENTGATE_SERVICE_TOKEN",
-                )?;
-            (
-                token.clone(),
-                Arc::new(agentgate_recorder::FixedToken::new(token)),
-            )
-        }
-    };
-    gateway(config, data_dir, &token, recorder_token).await
+    let credentials = agentgate_session::ServiceCredentials::from_file_or_env(
+        config.service_token_file.as_deref(),
+        "pg_proxy",
+    )?;
+    gateway(config, data_dir, credentials).await
 }
 
-/// The session gateway for `config`, with `service_token` for authz and approvals and
-/// `recorder_token` for the audit store (`agentgate up` passes tokens authz signs itself).
+/// The session gateway for `config` with `credentials` (`agentgate up` passes renewing
+/// tokens authz signs itself).
 pub async fn gateway(
     config: &PgProxyConfig,
     data_dir: &std::path::Path,
-    service_token: &str,
-    recorder_token: Arc<dyn agentgate_recorder::TokenSource>,
+    credentials: agentgate_session::ServiceCredentials,
 ) -> anyhow::Result<Gateway> {
-    let authz_tls = agentgate_tls::grpc_client_tls(&config.control_tls, "authz")
-        .context("pg_proxy.control_tls")?;
-    let approvals_tls = agentgate_tls::grpc_client_tls(&config.control_tls, "approvals")
-        .context("pg_proxy.control_tls")?;
-    let audit_tls = agentgate_tls::grpc_client_tls(&config.control_tls, "audit-store")
-        .context("pg_proxy.control_tls")?;
-    let authz =
-        agentgate_authz::client::AuthzClient::new(&config.authz_url, service_token, authz_tls)
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
-    let spool = config
-        .spool_path
-        .clone()
-        .unwrap_or_else(|| data_dir.join(format!("{}-spool.db", config.name)));
-    let mut recorder_config = agentgate_recorder::RecorderConfig::new(&config.audit_url, spool)
-        .with_token_source(recorder_token);
-    recorder_config.tls = audit_tls;
-    let recorder = agentgate_recorder::Recorder::open(recorder_config)
-        .await
-        .context("pg-proxy: audit recorder")?;
-    let mut gateway_config = agentgate_session::GatewayConfig::new(
-        &config.name,
-        agentgate_proto::common::v1::Protocol::Postgres,
-        &config.approvals_url,
-        service_token,
-    );
-    gateway_config.approvals_tls = approvals_tls;
-    Ok(Gateway::start(authz, recorder, gateway_config)?)
+    let plane = agentgate_session::ControlPlane {
+        proxy: &config.name,
+        protocol: agentgate_proto::common::v1::Protocol::Postgres,
+        authz_url: &config.authz_url,
+        approvals_url: &config.approvals_url,
+        audit_url: &config.audit_url,
+        tls: &config.control_tls,
+        spool_path: config.spool_path.as_deref(),
+        table: "pg_proxy",
+    };
+    Ok(agentgate_session::connect(plane, credentials, data_dir, |_| {}).await?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_generated_certificate_is_created_once_and_kept() {
+        let dir = std::env::temp_dir().join(format!("agentgate-pg-tls-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let config = PgProxyConfig {
+            generated_tls_dir: Some(dir.clone()),
+            ..PgProxyConfig::default()
+        };
+        let first = agent_tls(&config).expect("generated");
+        let cert = first.cert.clone().expect("cert");
+        let pem = std::fs::read_to_string(&cert).expect("read");
+        assert!(pem.contains("BEGIN CERTIFICATE"));
+        let ca = std::fs::read_to_string(dir.join("ca.pem")).expect("ca");
+        // A restart keeps both, so agents that pinned the CA still connect.
+        let second = agent_tls(&config).expect("reused");
+        assert_eq!(second.cert, first.cert);
+        assert_eq!(std::fs::read_to_string(&cert).expect("read"), pem);
+        assert_eq!(std::fs::read_to_string(dir.join("ca.pem")).expect("ca"), ca);
+        // A configured certificate wins over the generated one.
+        let own = PgProxyConfig {
+            tls: TlsConfig {
+                cert: Some("/etc/own.pem".into()),
+                key: Some("/etc/own-key.pem".into()),
+                ca: None,
+            },
+            ..config
+        };
+        assert_eq!(
+            agent_tls(&own).expect("configured").cert,
+            Some(PathBuf::from("/etc/own.pem"))
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

@@ -160,15 +160,46 @@ impl From<EndReason> for Stop {
 // ---------------------------------------------------------------------------------------
 // agent → upstream
 
-/// A statement's text and its classification (or why it could not be classified).
-type PreparedStatement = (Arc<str>, Result<Arc<Classification>, String>);
+/// A prepared statement as Parse left it: its text, the operation policy sees and the
+/// decision, made once here and reused by every Execute of it (the session's policy is fixed
+/// for its life, so the decision cannot change).
+struct PreparedStatement {
+    sql: Arc<str>,
+    operation: Operation,
+    decision: Decision,
+    reason: String,
+    copy_source: Option<String>,
+}
+
+impl PreparedStatement {
+    fn new(ctx: &Context, sql: &str, classified: &Result<Arc<Classification>, String>) -> Self {
+        let (operation, decision, reason, copy_source) = match classified {
+            Ok(c) => {
+                let operation = operation_for(sql, c);
+                let d = ctx.session.decide(&operation);
+                (operation, d.decision, d.reason, copy_source_of(c))
+            }
+            Err(e) => {
+                let (operation, decision, reason) = unparseable(sql, e);
+                (operation, decision, reason, None)
+            }
+        };
+        PreparedStatement {
+            sql: Arc::from(sql),
+            operation,
+            decision,
+            reason,
+            copy_source,
+        }
+    }
+}
 
 /// Statements of one connection as the agent prepared them (Parse) and bound them (Bind).
 #[derive(Default)]
 struct Prepared {
     /// SQL-level PREPARE/EXECUTE, which the classifier resolves through.
     sql: PreparedStatements,
-    statements: HashMap<String, PreparedStatement>,
+    statements: HashMap<String, Arc<PreparedStatement>>,
     /// portal → (statement name, masked parameters for the record)
     portals: HashMap<String, (String, Vec<String>)>,
 }
@@ -297,6 +328,44 @@ fn copy_source_of(c: &Classification) -> Option<String> {
     }
 }
 
+/// The records of a multi-statement Query: one per statement, with its own text, command,
+/// targets and risk classes, and the Query's decision (it runs whole or not at all). A
+/// refused Query's stand-in fails as its first statement; the others are recorded as skipped.
+fn per_statement(whole: &OpRecord, c: &Classification) -> VecDeque<OpRecord> {
+    let n = c.statements.len();
+    c.statements
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            let mut classes: Vec<String> = Vec::new();
+            for class in &s.risk_classes {
+                if !classes.iter().any(|x| x == class) {
+                    classes.push((*class).to_owned());
+                }
+            }
+            let mut attributes = HashMap::new();
+            attributes.insert("statement".to_owned(), format!("{}/{n}", i + 1));
+            let operation = Operation {
+                protocol: Protocol::Postgres as i32,
+                action: s.command.to_lowercase(),
+                text: s.text.clone(),
+                targets: s.tables.clone(),
+                risk_classes: classes,
+                attributes,
+            };
+            let mut op = OpRecord::new(operation, whole.decision, whole.reason.clone());
+            op.approval_id = whole.approval_id.clone();
+            op.started_at = whole.started_at;
+            op.started = whole.started;
+            op.copy_source = s.copy_source.clone();
+            if i == 0 {
+                op.denial = whole.denial.clone();
+            }
+            op
+        })
+        .collect()
+}
+
 /// An operation for text the classifier refused (unparseable): denied.
 fn unparseable(sql: &str, why: &str) -> (Operation, Decision, String) {
     (
@@ -380,36 +449,40 @@ async fn on_agent_frame(
             // A simple Query drops the unnamed prepared statement on the server.
             prepared.sql.remove("");
             let mut copy_source = None;
+            let mut classification = None;
             let (operation, decision, reason) =
                 match prepared.sql.classify(&ctx.classifier, query.sql) {
                     Ok(c) => {
                         copy_source = copy_source_of(&c);
                         let operation = operation_for(query.sql, &c);
                         let d = ctx.session.decide(&operation);
+                        classification = Some(c);
                         (operation, d.decision, d.reason)
                     }
                     Err(e) => unparseable(query.sql, &e.to_string()),
                 };
+            // The Query is decided (and held for approval) as a whole: it is forwarded whole
+            // or not at all, as the server runs it in one implicit transaction.
             let mut op = OpRecord::new(operation, decision, reason);
             op.copy_source = copy_source;
             decide(ctx, &mut op, upstream, out).await?;
-            if op.decision == Decision::Allow {
-                // One record per Query: its statements run as one implicit transaction and
-                // were decided together.
-                ctx.push(Expect::Query {
-                    ops: VecDeque::from([op]),
-                })?;
-                out.extend_from_slice(frame.raw());
-            } else {
-                let marker = denials.next();
+            let allowed = op.decision == Decision::Allow;
+            if !allowed {
                 op.denial = Some(Denial {
                     error: refusal(&op),
-                    marker: marker.clone(),
+                    marker: denials.next(),
                 });
-                ctx.push(Expect::Query {
-                    ops: VecDeque::from([op]),
-                })?;
-                out.extend_from_slice(Query::frame(&marker).raw());
+            }
+            let stand_in = op.denial.as_ref().map(|d| Query::frame(&d.marker));
+            // Each statement is its own audit event, with the Query's decision.
+            let ops = match classification {
+                Some(c) if c.statements.len() > 1 => per_statement(&op, &c),
+                _ => VecDeque::from([op]),
+            };
+            ctx.push(Expect::Query { ops })?;
+            match stand_in {
+                None => out.extend_from_slice(frame.raw()),
+                Some(f) => out.extend_from_slice(f.raw()),
             }
         }
         b'P' => {
@@ -435,9 +508,8 @@ async fn on_agent_frame(
                     "more than {MAX_NAMED} prepared statements on one connection"
                 )));
             }
-            prepared
-                .statements
-                .insert(parse.name.to_owned(), (Arc::from(parse.sql), classified));
+            let statement = Arc::new(PreparedStatement::new(ctx, parse.sql, &classified));
+            prepared.statements.insert(parse.name.to_owned(), statement);
             ctx.push(Expect::Parse(parse.name.to_owned()))?;
             out.extend_from_slice(frame.raw());
         }
@@ -480,21 +552,16 @@ async fn on_agent_frame(
                 .get(execute.portal)
                 .cloned()
                 .unwrap_or_default();
-            let mut copy_source = None;
-            let sql = prepared
-                .statements
-                .get(&statement)
-                .map(|(sql, _)| sql.clone());
-            let (operation, decision, reason) = match prepared.statements.get(&statement) {
-                Some((sql, Ok(c))) => {
-                    copy_source = copy_source_of(c);
-                    let operation = operation_for(sql, c);
-                    let d = ctx.session.decide(&operation);
-                    (operation, d.decision, d.reason)
+            let found = prepared.statements.get(&statement);
+            let sql = found.map(|p| p.sql.clone());
+            let mut op = match found {
+                Some(p) => {
+                    let mut op = OpRecord::new(p.operation.clone(), p.decision, p.reason.clone());
+                    op.copy_source = p.copy_source.clone();
+                    op
                 }
-                Some((sql, Err(e))) => unparseable(sql, e),
                 // No such portal: the server will say so; nothing runs.
-                None => (
+                None => OpRecord::new(
                     Operation {
                         protocol: Protocol::Postgres as i32,
                         action: "execute".into(),
@@ -504,9 +571,7 @@ async fn on_agent_frame(
                     "no statement to run".into(),
                 ),
             };
-            let mut op = OpRecord::new(operation, decision, reason);
             op.parameters = params;
-            op.copy_source = copy_source;
             decide(ctx, &mut op, upstream, out).await?;
             if op.decision == Decision::Allow {
                 ctx.push(Expect::Execute {
@@ -635,6 +700,7 @@ pub async fn upstream_to_agent(ctx: Arc<Context>, upstream: ReadHalf<Stream>) ->
         shapes: Shapes::default(),
         copy: None,
         cells: None,
+        plans: PlanCache::default(),
         masking: !masker.is_noop(),
         masker,
     };
@@ -681,7 +747,9 @@ struct UpstreamState {
     shapes: Shapes,
     copy: Option<CopyMask>,
     /// How the cells of the result being streamed are masked; `None` until known.
-    cells: Option<Vec<Cell>>,
+    cells: Option<Arc<Vec<Cell>>>,
+    /// Plans of recent result shapes.
+    plans: PlanCache,
     masking: bool,
     masker: Masker,
 }
@@ -692,12 +760,89 @@ fn is_textual(type_oid: u32) -> bool {
     matches!(type_oid, 25 | 1043 | 1042 | 19 | 18 | 114 | 142 | 705) || type_oid >= 16384
 }
 
+/// Most result shapes whose masking plans are kept per connection.
+const PLANS_KEPT: usize = 32;
+/// How long a plan is reused: as long as the catalog keeps a table's columns.
+const PLAN_TTL: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Masking plans of recent result shapes (columns and formats), so a prepared statement run
+/// again, or a simple query of the same shape, reuses its plan instead of resolving its
+/// columns' sources and rules per execution.
+#[derive(Default)]
+struct PlanCache {
+    entries: VecDeque<PlanEntry>,
+}
+
+struct PlanEntry {
+    fields: Arc<Vec<FieldDescription>>,
+    formats: Option<Vec<i16>>,
+    made: std::time::Instant,
+    cells: Arc<Vec<Cell>>,
+}
+
+impl PlanCache {
+    fn get(
+        &self,
+        fields: &Arc<Vec<FieldDescription>>,
+        formats: Option<&[i16]>,
+    ) -> Option<Arc<Vec<Cell>>> {
+        self.entries
+            .iter()
+            .find(|e| {
+                (Arc::ptr_eq(&e.fields, fields) || *e.fields == **fields)
+                    && e.formats.as_deref() == formats
+                    && e.made.elapsed() < PLAN_TTL
+            })
+            .map(|e| e.cells.clone())
+    }
+
+    fn put(
+        &mut self,
+        fields: Arc<Vec<FieldDescription>>,
+        formats: Option<&[i16]>,
+        cells: Arc<Vec<Cell>>,
+    ) {
+        self.entries.retain(|e| e.made.elapsed() < PLAN_TTL);
+        if self.entries.len() >= PLANS_KEPT {
+            self.entries.pop_front();
+        }
+        self.entries.push_back(PlanEntry {
+            fields,
+            formats: formats.map(<[i16]>::to_vec),
+            made: std::time::Instant::now(),
+            cells,
+        });
+    }
+}
+
+/// The masking plan of a result shape: cached, or planned and cached (unless the catalog
+/// could not name a column's source, in which case the fail-closed plan is not kept).
+async fn plan(
+    ctx: &Context,
+    masker: &Masker,
+    plans: &mut PlanCache,
+    fields: &Arc<Vec<FieldDescription>>,
+    formats: Option<&[i16]>,
+) -> Arc<Vec<Cell>> {
+    if let Some(cells) = plans.get(fields, formats) {
+        return cells;
+    }
+    let (cells, complete) = plan_cells(ctx, masker, fields, formats).await;
+    let cells = Arc::new(cells);
+    if complete {
+        plans.put(fields.clone(), formats, cells.clone());
+    }
+    cells
+}
+
+/// Plans how each column's cells are masked; false with it when the catalog could not be
+/// asked (the plan then fails closed).
 async fn plan_cells(
     ctx: &Context,
     masker: &Masker,
     fields: &[FieldDescription],
     formats: Option<&[i16]>,
-) -> Vec<Cell> {
+) -> (Vec<Cell>, bool) {
     let oids: Vec<u32> = fields.iter().map(|f| f.table_oid).collect();
     let tables = if oids.iter().any(|&o| o != 0) {
         match ctx.catalog.tables(&oids).await {
@@ -710,7 +855,8 @@ async fn plan_cells(
     } else {
         Some(HashMap::new())
     };
-    fields
+    let complete = tables.is_some();
+    let cells = fields
         .iter()
         .enumerate()
         .map(|(i, f)| {
@@ -742,7 +888,8 @@ async fn plan_cells(
                 (_, false, false) => Cell::Pass,
             }
         })
-        .collect()
+        .collect();
+    (cells, complete)
 }
 
 /// The none/one/each convention of Bind's result format codes.
@@ -1046,24 +1193,26 @@ async fn on_server_frame(
                     let fields = current_fields(ctx, st).map_err(|_| lock_err())?;
                     st.cells = Some(match fields {
                         Shape::Known(fields, formats) => {
-                            plan_cells(ctx, &st.masker, &fields, formats.as_deref()).await
+                            plan(ctx, &st.masker, &mut st.plans, &fields, formats.as_deref()).await
                         }
                         // Rows of a statement the server never described on this
                         // connection: describe it on the proxy's own connection.
                         Shape::Describe(sql, formats) => match ctx.catalog.describe(&sql).await {
-                            Ok(fields) => {
-                                plan_cells(ctx, &st.masker, &fields, formats.as_deref()).await
-                            }
+                            Ok(fields) => Arc::new(
+                                plan_cells(ctx, &st.masker, &fields, formats.as_deref())
+                                    .await
+                                    .0,
+                            ),
                             Err(e) => {
                                 tracing::warn!(error = %e, "cannot describe a statement's result; masking its rows by content");
-                                Vec::new()
+                                Arc::new(Vec::new())
                             }
                         },
-                        Shape::Unknown => Vec::new(),
+                        Shape::Unknown => Arc::new(Vec::new()),
                     });
                 }
                 let mut report = MaskReport::new();
-                let cells = st.cells.as_deref().unwrap_or_default();
+                let cells = st.cells.as_deref().map(Vec::as_slice).unwrap_or_default();
                 let replaced = mask_row(&st.masker, cells, &frame, &mut report)
                     .map_err(|e| Stop::quiet(EndReason::Error(format!("upstream row: {e}"))))?;
                 let sent = replaced.as_ref().unwrap_or(&frame);
@@ -1138,7 +1287,7 @@ async fn on_server_frame(
             if !described {
                 // The shape of the result about to stream (simple query).
                 st.cells = if st.masking {
-                    Some(plan_cells(ctx, &st.masker, &fields, None).await)
+                    Some(plan(ctx, &st.masker, &mut st.plans, &fields, None).await)
                 } else {
                     None
                 };
@@ -1192,14 +1341,9 @@ async fn on_server_frame(
                         Some(Expect::Execute { op, .. }) => Some(*op),
                         _ => None,
                     },
-                    Some(Expect::Query { ops }) => {
-                        // A multi-statement Query completes statement by statement; its one
-                        // record ends at ReadyForQuery, with the rows of all of them.
-                        if let Some(op) = ops.front_mut() {
-                            op.rows += rows.unwrap_or(0);
-                        }
-                        None
-                    }
+                    // A multi-statement Query completes statement by statement, each its own
+                    // record.
+                    Some(Expect::Query { ops }) => ops.pop_front(),
                     _ => None,
                 }
             };
@@ -1224,7 +1368,11 @@ async fn on_server_frame(
                         _ => op.error = Some(format!("{}: {}", fields.code, fields.message)),
                     }
                 }
-                if !simple {
+                if let Some(Expect::Query { ops }) = q.front_mut() {
+                    // The failed statement ends here; the server skips the rest of the Query,
+                    // which ReadyForQuery records as skipped.
+                    finished.extend(ops.pop_front());
+                } else if !simple {
                     // Extended protocol: the server skips everything up to the next Sync.
                     let mut first = true;
                     while let Some(e) = q.front() {
@@ -1263,7 +1411,13 @@ async fn on_server_frame(
                     match e {
                         Expect::Sync => break,
                         Expect::Query { ops } => {
-                            finished.extend(ops);
+                            // Statements of the Query that never completed did not run.
+                            finished.extend(ops.into_iter().map(|mut op| {
+                                if op.error.is_none() {
+                                    op.skipped = true;
+                                }
+                                op
+                            }));
                             break;
                         }
                         Expect::FunctionCall { op } => {
@@ -1302,7 +1456,7 @@ async fn on_server_frame(
                 Some(sql) => match ctx.catalog.describe(&sql).await {
                     Ok(fields) => {
                         let formats = vec![if binary { 1 } else { 0 }];
-                        plan_cells(ctx, &st.masker, &fields, Some(&formats)).await
+                        plan_cells(ctx, &st.masker, &fields, Some(&formats)).await.0
                     }
                     Err(e) => {
                         tracing::warn!(error = %e, "cannot describe the COPY source; masking its rows by content");

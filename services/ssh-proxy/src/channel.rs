@@ -221,6 +221,14 @@ impl In {
             ChannelMsg::Signal { signal } => {
                 let _ = self.up.signal(signal).await;
             }
+            // Ask the host for agent forwarding on the matching channel, before the command
+            // starts, when policy allows it; its agent channels come back through the
+            // upstream handler. Refused: the host never hears of it.
+            ChannelMsg::AgentForward { .. }
+                if crate::conn::agent_forward_allowed(&self.session) =>
+            {
+                let _ = self.up.agent_forward(false).await;
+            }
             ChannelMsg::Exec { command, .. } if self.mode == Mode::Idle => {
                 return self.exec(command, agent_rx, out).await;
             }
@@ -728,21 +736,25 @@ impl Out {
                         let ops = log.lock().await.server_bytes(&data);
                         record_file_ops(&self.session, ops).await;
                     }
-                    let shown = mask(&mut stdout, &data, &mut report);
+                    let [built, passed] = mask(&mut stdout, data, &mut report);
                     if stdout.as_ref().is_some_and(|m| m.held() > 0) {
                         idle_at = Some(tokio::time::Instant::now() + MASK_IDLE);
                     }
-                    if !self.send(None, shown, &mut alt).await {
+                    if !self.send(None, built, &mut alt).await
+                        || !self.send(None, passed, &mut alt).await
+                    {
                         break;
                     }
                 }
                 Some(ChannelMsg::ExtendedData { data, ext }) => {
                     bytes += data.len() as u64;
-                    let shown = mask(&mut stderr, &data, &mut report);
+                    let [built, passed] = mask(&mut stderr, data, &mut report);
                     if stderr.as_ref().is_some_and(|m| m.held() > 0) {
                         idle_at = Some(tokio::time::Instant::now() + MASK_IDLE);
                     }
-                    if !self.send(Some(ext), shown, &mut alt).await {
+                    if !self.send(Some(ext), built, &mut alt).await
+                        || !self.send(Some(ext), passed, &mut alt).await
+                    {
                         break;
                     }
                 }
@@ -883,14 +895,18 @@ async fn sleep_until(deadline: Option<tokio::time::Instant>) {
     }
 }
 
-fn mask(masker: &mut Option<StreamMasker>, data: &Bytes, report: &mut MaskReport) -> Bytes {
+/// Output through the stream masker, as two parts to send in order: what the masker had to
+/// build (held bytes, masked secrets), then the part of `data` it passed through unchanged —
+/// a slice of the buffer russh handed over, not a copy (bulk output is scanned once and
+/// never copied by the proxy).
+fn mask(masker: &mut Option<StreamMasker>, data: Bytes, report: &mut MaskReport) -> [Bytes; 2] {
     match masker {
         Some(m) => {
-            let mut out = Vec::with_capacity(data.len());
-            m.push(data, &mut out, report);
-            Bytes::from(out)
+            let mut built = Vec::new();
+            let passed = m.push_borrowed(&data, &mut built, report);
+            [Bytes::from(built), data.slice(passed)]
         }
-        None => data.clone(),
+        None => [Bytes::new(), data],
     }
 }
 

@@ -340,13 +340,7 @@ impl ConnHandler {
         let Some(session) = self.conn.session() else {
             return false;
         };
-        let op = Operation {
-            protocol: Protocol::Ssh as i32,
-            action: class.trim_start_matches("ssh.").to_owned(),
-            text,
-            risk_classes: vec![class.to_owned()],
-            ..Default::default()
-        };
+        let op = forward_operation(class, text);
         let decision = session.decide(&op);
         let allowed = decision.decision == Decision::Allow;
         let mut event = OperationEvent::new(op, &decision);
@@ -362,6 +356,31 @@ impl ConnHandler {
         allowed
     }
 }
+
+/// The operation a forwarding request is decided as (`ssh.port_forward`,
+/// `ssh.agent_forward`).
+fn forward_operation(class: &str, text: String) -> Operation {
+    Operation {
+        protocol: Protocol::Ssh as i32,
+        action: class.trim_start_matches("ssh.").to_owned(),
+        text,
+        risk_classes: vec![class.to_owned()],
+        ..Default::default()
+    }
+}
+
+/// Whether the session's policy lets the agent forward its SSH agent to the host. The
+/// same local decision as [`ConnHandler::agent_request`] makes (which records it): the
+/// channel task asks too, because russh hands the request to the channel before the
+/// handler has answered it, and the channel must ask the host for agent forwarding before
+/// it starts the command. Approval counts as a refusal (forwarding cannot wait).
+pub(crate) fn agent_forward_allowed(session: &Session) -> bool {
+    let op = forward_operation(AGENT_FORWARD, AGENT_FORWARD_TEXT.into());
+    session.decide(&op).decision == Decision::Allow
+}
+
+const AGENT_FORWARD: &str = "ssh.agent_forward";
+const AGENT_FORWARD_TEXT: &str = "auth-agent-req";
 
 impl server::Handler for ConnHandler {
     type Error = russh::Error;
@@ -571,17 +590,19 @@ impl server::Handler for ConnHandler {
         _channel: ChannelId,
         _session: &mut server::Session,
     ) -> Result<bool, Self::Error> {
+        // Allowed: the channel asks the host for agent forwarding too (channel.rs), and the
+        // host's `auth-agent@openssh.com` channels are relayed back to the agent's client
+        // (upstream.rs) — only from now on, and only on this connection.
         let allowed = self
-            .decide_forward("ssh.agent_forward", "auth-agent-req".into())
+            .decide_forward(AGENT_FORWARD, AGENT_FORWARD_TEXT.into())
             .await;
         if allowed {
-            // The relay of the host's agent channels exists (upstream.rs) but requesting
-            // forwarding from the host did not take effect in the tests yet: refused.
-            tracing::info!(
-                "agent forwarding is allowed by policy but not supported by this proxy yet; refused"
-            );
+            self.conn
+                .forwarding
+                .agent
+                .store(true, std::sync::atomic::Ordering::Release);
         }
-        Ok(false)
+        Ok(allowed)
     }
 
     async fn pty_request(

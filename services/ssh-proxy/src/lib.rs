@@ -17,8 +17,8 @@
 //!   docs/ssh-proxy.md);
 //! - `sftp` (so also scp, which uses sftp by default, and sftp): decided as `ssh.sftp`; each
 //!   file operation is recorded with its path and bytes;
-//! - port forwarding and agent forwarding: refused unless the policy allows
-//!   `ssh.port_forward` / `ssh.agent_forward`.
+//! - port forwarding (`ssh -L`, `-W`, `-R`) and agent forwarding (`ssh -A`): refused unless
+//!   the policy allows `ssh.port_forward` / `ssh.agent_forward`; allowed, relayed.
 //!
 //! Terminal output passes through the session's masking engine (stream mode); terminal
 //! sessions are recorded as asciicast v2 into the audit store as they happen. The session ends
@@ -55,6 +55,8 @@ use tokio::task::JoinHandle;
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct SshProxyConfig {
+    /// Whether `agentgate up` starts ssh-proxy (the standalone binary ignores it).
+    pub enabled: bool,
     /// Where agents connect.
     pub listen: SocketAddr,
     /// This instance's name, recorded with every session.
@@ -102,6 +104,7 @@ pub struct SshProxyConfig {
 impl Default for SshProxyConfig {
     fn default() -> Self {
         SshProxyConfig {
+            enabled: true,
             listen: SocketAddr::from(([127, 0, 0, 1], 2222)),
             name: "ssh-proxy".into(),
             host_key: None,
@@ -240,7 +243,15 @@ pub fn load_or_generate_host_key(path: &Path) -> anyhow::Result<PrivateKey> {
     Ok(key)
 }
 
-/// Binds the listener and serves agents through `gateway`.
+/// `KEY.pub` for `KEY`.
+fn public_key_path(key: &Path) -> PathBuf {
+    let mut name = key.as_os_str().to_owned();
+    name.push(".pub");
+    PathBuf::from(name)
+}
+
+/// Binds the listener and serves agents through `gateway`. The host key's public half is
+/// (re)written next to it as `KEY.pub`.
 pub async fn start(
     config: &SshProxyConfig,
     gateway: Gateway,
@@ -255,6 +266,14 @@ pub async fn start(
         .public_key()
         .to_openssh()
         .map_err(|e| anyhow::anyhow!("host key: {e}"))?;
+    // The public half next to it, for agents' known_hosts (`[host]:2222 <this line>`).
+    let public_path = public_key_path(&key_path);
+    let public_line = format!("{host_public_key}\n");
+    if std::fs::read_to_string(&public_path).ok().as_deref() != Some(public_line.as_str())
+        && let Err(e) = std::fs::write(&public_path, &public_line)
+    {
+        tracing::warn!(path = %public_path.display(), error = %e, "could not write the host key's public half");
+    }
     let agent_ciphers = cipher_names("agent_ciphers", &config.agent_ciphers)?;
     let upstream_ciphers = cipher_names("upstream_ciphers", &config.upstream_ciphers)?;
     let server_config = russh::server::Config {
@@ -336,47 +355,38 @@ pub async fn start(
 }
 
 /// Everything ssh-proxy needs from the control plane, built from its configuration: the
-/// authz client, the recorder and the session gateway. The service token is read from
-/// `service_token_file` (or the `AGENTGATE_SERVICE_TOKEN` environment variable).
+/// authz client, the recorder and the session gateway, with the service token from
+/// `service_token_file` (read again on every call, so authz's `service_tokens` can renew it)
+/// or the `AGENTGATE_SERVICE_TOKEN` environment variable.
 pub async fn gateway_from_config(
     config: &SshProxyConfig,
     data_dir: &Path,
 ) -> anyhow::Result<Gateway> {
-    let token = match &config.service_token_file {
-        Some(path) => std::fs::read_to_string(path)
-            .with_context(|| format!("ssh_proxy.service_token_file {}", path.display()))?
-            .trim()
-            .to_owned(),
-        None => std::env::var("AGENTGATE_SERVICE_TOKEN").context(
-            "ssh-proxy needs a service token: set ssh_proxy.service_token_file or AGENTGATE_SERVICE_TOKEN",
-        )?,
+    let credentials = agentgate_session::ServiceCredentials::from_file_or_env(
+        config.service_token_file.as_deref(),
+        "ssh_proxy",
+    )?;
+    gateway(config, data_dir, credentials).await
+}
+
+/// The session gateway for `config` with `credentials` (`agentgate up` passes renewing
+/// tokens authz signs itself).
+pub async fn gateway(
+    config: &SshProxyConfig,
+    data_dir: &Path,
+    credentials: agentgate_session::ServiceCredentials,
+) -> anyhow::Result<Gateway> {
+    let plane = agentgate_session::ControlPlane {
+        proxy: &config.name,
+        protocol: agentgate_proto::common::v1::Protocol::Ssh,
+        authz_url: &config.authz_url,
+        approvals_url: &config.approvals_url,
+        audit_url: &config.audit_url,
+        tls: &config.control_tls,
+        spool_path: config.spool_path.as_deref(),
+        table: "ssh_proxy",
     };
-    let authz_tls = agentgate_tls::grpc_client_tls(&config.control_tls, "authz")
-        .context("ssh_proxy.control_tls")?;
-    let approvals_tls = agentgate_tls::grpc_client_tls(&config.control_tls, "approvals")
-        .context("ssh_proxy.control_tls")?;
-    let audit_tls = agentgate_tls::grpc_client_tls(&config.control_tls, "audit-store")
-        .context("ssh_proxy.control_tls")?;
-    let authz = agentgate_authz::client::AuthzClient::new(&config.authz_url, &token, authz_tls)
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
-    let spool = config
-        .spool_path
-        .clone()
-        .unwrap_or_else(|| data_dir.join(format!("{}-spool.db", config.name)));
-    let mut recorder_config =
-        agentgate_recorder::RecorderConfig::new(&config.audit_url, spool).with_token(&token);
-    recorder_config.tls = audit_tls;
-    let recorder = agentgate_recorder::Recorder::open(recorder_config)
-        .await
-        .context("ssh-proxy: audit recorder")?;
-    let mut gateway_config = agentgate_session::GatewayConfig::new(
-        &config.name,
-        agentgate_proto::common::v1::Protocol::Ssh,
-        &config.approvals_url,
-        &token,
-    );
-    gateway_config.approvals_tls = approvals_tls;
-    Ok(Gateway::start(authz, recorder, gateway_config)?)
+    Ok(agentgate_session::connect(plane, credentials, data_dir, |_| {}).await?)
 }
 
 /// Whether `name` may be set by the agent: the policy's `ssh.allowed_env` setting

@@ -1,10 +1,13 @@
-//! Service tokens for audit recorders. The audit store takes events only from service
-//! principals; authz holds the signing key, so it signs these itself — for its own recorder,
-//! for services in the same process (`agentgate up`), and as files for services beside it
-//! that share its data directory (`authz.recorder_tokens`, e.g. a standalone approvals).
+//! Service tokens authz signs for agentgate's own services. authz holds the signing key, so
+//! it signs these itself — for its own recorder, for services in the same process
+//! (`agentgate up`), and as files for services beside it that share its data directory.
 //!
-//! Each token is for subject `service:<name>`, kind SERVICE, audience `audit-store` only (so
-//! it opens nothing else that checks audience), short-lived, and renewed at half its lifetime.
+//! Two kinds, both for subject `service:<name>`, kind SERVICE, short-lived and renewed at half
+//! their lifetime:
+//! - recorder tokens (`authz.recorder_tokens`, `<name>.recorder.token`): audience
+//!   `audit-store` only, so a service that only records (approvals) holds nothing else;
+//! - service tokens (`authz.service_tokens`, `<name>.service.token`): no audience, for a proxy
+//!   that opens sessions at authz, files approval requests and records.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -18,8 +21,14 @@ pub fn recorder_token_path(data_dir: &Path, name: &str) -> PathBuf {
     data_dir.join(format!("{name}.recorder.token"))
 }
 
-/// Checks a name of `authz.recorder_tokens`: it becomes part of a file name and a subject.
-pub fn check_service_name(name: &str) -> Result<(), String> {
+/// The file authz keeps a service token in for service `name` (see `authz.service_tokens`).
+pub fn service_token_path(data_dir: &Path, name: &str) -> PathBuf {
+    data_dir.join(format!("{name}.service.token"))
+}
+
+/// Checks a name of `authz.recorder_tokens` or `authz.service_tokens` (`table` names which,
+/// for the message): it becomes part of a file name and a subject.
+pub fn check_service_name(table: &str, name: &str) -> Result<(), String> {
     let ok = !name.is_empty()
         && name.len() <= 64
         && name
@@ -29,27 +38,45 @@ pub fn check_service_name(name: &str) -> Result<(), String> {
         Ok(())
     } else {
         Err(format!(
-            "authz.recorder_tokens: {name:?} must be 1-64 of [a-z0-9_-] (it names a file and the subject service:<name>)"
+            "authz.{table}: {name:?} must be 1-64 of [a-z0-9_-] (it names a file and the subject service:<name>)"
         ))
     }
 }
 
-/// A renewing source of one service's recorder token; also an
-/// [`agentgate_recorder::TokenSource`].
+/// A renewing source of one service's token; also an [`agentgate_identity::TokenSource`].
 pub struct ServiceTokens {
     issuer: Arc<TokenIssuer>,
     subject: String,
+    /// Empty: any agentgate service accepts it.
+    audience: Vec<String>,
     ttl: Duration,
     /// The token handed out now, and when to sign the next one.
     current: Mutex<Option<(String, SystemTime)>>,
 }
 
 impl ServiceTokens {
-    /// Tokens for `service:<service>` lasting `ttl` (at least one minute).
-    pub fn new(issuer: Arc<TokenIssuer>, service: &str, ttl: Duration) -> ServiceTokens {
+    /// Recorder tokens for `service:<service>` (audience `audit-store`) lasting `ttl` (at
+    /// least one minute).
+    pub fn recorder(issuer: Arc<TokenIssuer>, service: &str, ttl: Duration) -> ServiceTokens {
+        ServiceTokens::with_audience(issuer, service, ttl, vec![AUDIT_STORE_AUDIENCE.to_owned()])
+    }
+
+    /// Service tokens for `service:<service>` that every agentgate service accepts, lasting
+    /// `ttl` (at least one minute): for a proxy, which calls authz, approvals and the store.
+    pub fn service(issuer: Arc<TokenIssuer>, service: &str, ttl: Duration) -> ServiceTokens {
+        ServiceTokens::with_audience(issuer, service, ttl, Vec::new())
+    }
+
+    fn with_audience(
+        issuer: Arc<TokenIssuer>,
+        service: &str,
+        ttl: Duration,
+        audience: Vec<String>,
+    ) -> ServiceTokens {
         ServiceTokens {
             issuer,
             subject: format!("service:{service}"),
+            audience,
             ttl: ttl.max(Duration::from_secs(60)),
             current: Mutex::new(None),
         }
@@ -71,7 +98,7 @@ impl ServiceTokens {
             subject: self.subject.clone(),
             kind: PrincipalKind::Service,
             groups: Vec::new(),
-            audience: vec![AUDIT_STORE_AUDIENCE.to_owned()],
+            audience: self.audience.clone(),
             ttl: self.ttl,
         })?;
         *current = Some((token.clone(), now + self.ttl / 2));
@@ -84,10 +111,10 @@ impl ServiceTokens {
     }
 }
 
-impl agentgate_recorder::TokenSource for ServiceTokens {
+impl agentgate_identity::TokenSource for ServiceTokens {
     fn token(&self) -> Result<String, String> {
         self.current()
-            .map_err(|e| format!("signing a recorder token: {e}"))
+            .map_err(|e| format!("signing a token for {}: {e}", self.subject))
     }
 }
 
@@ -114,7 +141,7 @@ pub(crate) fn keep_files_fresh(
             ticker.tick().await;
             for (tokens, path) in &files {
                 if let Err(e) = write(tokens, path) {
-                    tracing::error!(path = %path.display(), error = %e, "cannot renew a recorder token file; the service's events wait in its spool until this is fixed");
+                    tracing::error!(path = %path.display(), error = %e, "cannot renew a service token file; the service's calls fail and its events wait in its spool once the old token expires");
                 }
             }
         }
@@ -145,7 +172,7 @@ mod tests {
     #[test]
     fn tokens_are_for_the_audit_store_only_and_reused_until_half_life() {
         let issuer = issuer();
-        let tokens = ServiceTokens::new(issuer.clone(), "approvals", Duration::from_secs(600));
+        let tokens = ServiceTokens::recorder(issuer.clone(), "approvals", Duration::from_secs(600));
         let t = tokens.current().expect("token");
         assert_eq!(tokens.current().expect("token"), t, "reused");
         let claims = issuer
@@ -161,11 +188,27 @@ mod tests {
     }
 
     #[test]
+    fn service_tokens_open_every_service() {
+        let issuer = issuer();
+        let tokens = ServiceTokens::service(issuer.clone(), "pg-proxy", Duration::from_secs(600));
+        let t = tokens.current().expect("token");
+        for audience in [AUDIT_STORE_AUDIENCE, "approvals", "authz"] {
+            let claims = issuer
+                .verifier()
+                .verify(&t, Some(audience))
+                .expect("valid for every service");
+            assert_eq!(claims.sub, "service:pg-proxy");
+            assert_eq!(claims.kind, "service");
+        }
+    }
+
+    #[test]
     fn service_names_are_checked() {
-        assert!(check_service_name("approvals").is_ok());
-        assert!(check_service_name("pg-proxy_2").is_ok());
+        assert!(check_service_name("recorder_tokens", "approvals").is_ok());
+        assert!(check_service_name("service_tokens", "pg-proxy_2").is_ok());
         for bad in ["", "../x", "A", "a b", "a/b"] {
-            assert!(check_service_name(bad).is_err(), "{bad}");
+            let e = check_service_name("service_tokens", bad).expect_err(bad);
+            assert!(e.starts_with("authz.service_tokens:"), "{e}");
         }
     }
 }
