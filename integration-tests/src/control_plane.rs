@@ -149,37 +149,49 @@ impl ControlPlane {
             reviewer_groups,
             Duration::from_secs(600),
         )?;
-        let mut client = ApprovalsClient::connect(self.approvals_url()).await?;
-        for _ in 0..200 {
-            let list = client
-                .list(bearer(
-                    &token,
-                    ListRequest {
-                        state: State::Pending as i32,
-                        ..Default::default()
+        review_pending(&self.approvals_url(), &token, text, verdict).await
+    }
+}
+
+/// Waits (up to 20 s) for a pending approval request at `approvals_url` whose operation text
+/// contains `text`, reviews it with `verdict` as the holder of `reviewer_token`, and returns
+/// its id: what a reviewer does while a proxy holds an operation.
+pub async fn review_pending(
+    approvals_url: &str,
+    reviewer_token: &str,
+    text: &str,
+    verdict: Verdict,
+) -> anyhow::Result<String> {
+    let mut client = ApprovalsClient::connect(approvals_url.to_owned()).await?;
+    for _ in 0..400 {
+        let list = client
+            .list(bearer(
+                reviewer_token,
+                ListRequest {
+                    state: State::Pending as i32,
+                    ..Default::default()
+                },
+            ))
+            .await?
+            .into_inner();
+        if let Some(r) = list
+            .requests
+            .iter()
+            .find(|r| r.operation.as_ref().is_some_and(|o| o.text.contains(text)))
+        {
+            client
+                .review(bearer(
+                    reviewer_token,
+                    ReviewRequest {
+                        id: r.id.clone(),
+                        verdict: verdict as i32,
+                        comment: "reviewed in test".into(),
                     },
                 ))
-                .await?
-                .into_inner();
-            if let Some(r) = list
-                .requests
-                .iter()
-                .find(|r| r.operation.as_ref().is_some_and(|o| o.text.contains(text)))
-            {
-                client
-                    .review(bearer(
-                        &token,
-                        ReviewRequest {
-                            id: r.id.clone(),
-                            verdict: verdict as i32,
-                            comment: "looks fine".into(),
-                        },
-                    ))
-                    .await?;
-                return Ok(r.id.clone());
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
+                .await?;
+            return Ok(r.id.clone());
         }
-        anyhow::bail!("no pending approval for {text:?}")
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    anyhow::bail!("no pending approval for {text:?}")
 }

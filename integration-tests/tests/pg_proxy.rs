@@ -11,8 +11,7 @@ use std::time::Duration;
 use agentgate_authz::{AuthzConfig, ConnectionConfig, RunningAuthz, UpstreamConfig};
 use agentgate_identity::TokenRequest;
 use agentgate_integration_tests::{AuditStoreFixture, Backend, Postgres, free_port};
-use agentgate_proto::approvals::v1::approvals_client::ApprovalsClient;
-use agentgate_proto::approvals::v1::{ListRequest, ReviewRequest, State, Verdict};
+use agentgate_proto::approvals::v1::Verdict;
 use agentgate_proto::audit::v1::audit_event::Detail;
 use agentgate_proto::audit::v1::{AuditEvent, GetSessionEventsRequest, ListSessionsRequest};
 use agentgate_proto::common::v1::{Decision, PrincipalKind};
@@ -276,51 +275,15 @@ impl Stack {
     }
 
     async fn review_pending(&self, expect_text: &str, verdict: Verdict) -> String {
-        let token = self.reviewer_token();
-        let mut client = ApprovalsClient::connect(format!("http://{}", self.approvals.addr))
-            .await
-            .unwrap();
-        for _ in 0..200 {
-            let list = client
-                .list(bearer(
-                    &token,
-                    ListRequest {
-                        state: State::Pending as i32,
-                        ..Default::default()
-                    },
-                ))
-                .await
-                .unwrap()
-                .into_inner();
-            if let Some(r) = list.requests.iter().find(|r| {
-                r.operation
-                    .as_ref()
-                    .is_some_and(|o| o.text.contains(expect_text))
-            }) {
-                client
-                    .review(bearer(
-                        &token,
-                        ReviewRequest {
-                            id: r.id.clone(),
-                            verdict: verdict as i32,
-                            comment: "looks fine".into(),
-                        },
-                    ))
-                    .await
-                    .unwrap();
-                return r.id.clone();
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        panic!("no pending approval for {expect_text:?}");
+        agentgate_integration_tests::control_plane::review_pending(
+            &format!("http://{}", self.approvals.addr),
+            &self.reviewer_token(),
+            expect_text,
+            verdict,
+        )
+        .await
+        .unwrap()
     }
-}
-
-fn bearer<T>(token: &str, message: T) -> tonic::Request<T> {
-    let mut r = tonic::Request::new(message);
-    r.metadata_mut()
-        .insert("authorization", format!("Bearer {token}").parse().unwrap());
-    r
 }
 
 fn psql_admin(pg: &Postgres, db: &str, sql: &str) {

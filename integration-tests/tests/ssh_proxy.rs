@@ -15,8 +15,7 @@ use agentgate_authz::{AuthzConfig, ConnectionConfig, RunningAuthz, SshKeyConfig,
 use agentgate_identity::TokenRequest;
 use agentgate_integration_tests::sshd::Sshd;
 use agentgate_integration_tests::{AuditStoreFixture, Backend, free_port};
-use agentgate_proto::approvals::v1::approvals_client::ApprovalsClient;
-use agentgate_proto::approvals::v1::{ListRequest, ReviewRequest, State, Verdict};
+use agentgate_proto::approvals::v1::Verdict;
 use agentgate_proto::audit::v1::audit_event::Detail;
 use agentgate_proto::audit::v1::{AuditEvent, ListSessionsRequest, ReplaySessionRequest};
 use agentgate_proto::authz::v1::SignSshCertificateRequest;
@@ -482,42 +481,14 @@ impl Stack {
             })
             .unwrap()
             .0;
-        let mut client = ApprovalsClient::connect(format!("http://{}", self.approvals.addr))
-            .await
-            .unwrap();
-        for _ in 0..400 {
-            let list = client
-                .list(bearer(
-                    &token,
-                    ListRequest {
-                        state: State::Pending as i32,
-                        ..Default::default()
-                    },
-                ))
-                .await
-                .unwrap()
-                .into_inner();
-            if let Some(r) = list.requests.iter().find(|r| {
-                r.operation
-                    .as_ref()
-                    .is_some_and(|o| o.text.contains(expect_text))
-            }) {
-                client
-                    .review(bearer(
-                        &token,
-                        ReviewRequest {
-                            id: r.id.clone(),
-                            verdict: verdict as i32,
-                            comment: "reviewed in test".into(),
-                        },
-                    ))
-                    .await
-                    .unwrap();
-                return r.id.clone();
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        panic!("no pending approval for {expect_text:?}");
+        agentgate_integration_tests::control_plane::review_pending(
+            &format!("http://{}", self.approvals.addr),
+            &token,
+            expect_text,
+            verdict,
+        )
+        .await
+        .unwrap()
     }
 
     /// Every event the store holds for the sessions of `principal` (waits until one of
