@@ -108,25 +108,25 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     )
     .await?;
 
-    // pg-proxy, with tokens authz signs itself and renews at half their lifetime: a service
-    // token for authz and approvals, and a recorder token for the audit store.
+    // The proxies reach the services of this process (unless configured elsewhere), with
+    // tokens authz signs itself and renews at half their lifetime.
+    let in_process = InProcess {
+        authz: &authz,
+        urls: [
+            format!("{}://{}", scheme(&authz_config.tls), authz.addr),
+            format!("{}://{}", scheme(&approvals_config.tls), approvals.addr),
+            audit_url.clone(),
+        ],
+    };
     let pg_proxy = if config.pg_proxy.enabled {
         let mut pg_config = config.pg_proxy.clone();
         let defaults = agentgate_pg_proxy::PgProxyConfig::default();
-        if pg_config.authz_url == defaults.authz_url {
-            pg_config.authz_url = format!("{}://{}", scheme(&authz_config.tls), authz.addr);
-        }
-        if pg_config.approvals_url == defaults.approvals_url {
-            pg_config.approvals_url =
-                format!("{}://{}", scheme(&approvals_config.tls), approvals.addr);
-        }
-        if pg_config.audit_url == defaults.audit_url {
-            pg_config.audit_url = audit_url.clone();
-        }
-        let credentials = agentgate_session::ServiceCredentials {
-            service: authz.service_token_source(&pg_config.name),
-            recorder: authz.recorder_token_source(&pg_config.name),
-        };
+        in_process.point([
+            (&mut pg_config.authz_url, defaults.authz_url),
+            (&mut pg_config.approvals_url, defaults.approvals_url),
+            (&mut pg_config.audit_url, defaults.audit_url),
+        ]);
+        let credentials = in_process.credentials(&pg_config.name);
         let gateway = agentgate_pg_proxy::gateway(&pg_config, &data_dir, credentials).await?;
         Some(agentgate_pg_proxy::start(&pg_config, gateway).await?)
     } else {
@@ -138,20 +138,12 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     let ssh_proxy = if config.ssh_proxy.enabled {
         let mut ssh_config = config.ssh_proxy.clone();
         let defaults = agentgate_ssh_proxy::SshProxyConfig::default();
-        if ssh_config.authz_url == defaults.authz_url {
-            ssh_config.authz_url = format!("{}://{}", scheme(&authz_config.tls), authz.addr);
-        }
-        if ssh_config.approvals_url == defaults.approvals_url {
-            ssh_config.approvals_url =
-                format!("{}://{}", scheme(&approvals_config.tls), approvals.addr);
-        }
-        if ssh_config.audit_url == defaults.audit_url {
-            ssh_config.audit_url = audit_url.clone();
-        }
-        let credentials = agentgate_session::ServiceCredentials {
-            service: authz.service_token_source(&ssh_config.name),
-            recorder: authz.recorder_token_source(&ssh_config.name),
-        };
+        in_process.point([
+            (&mut ssh_config.authz_url, defaults.authz_url),
+            (&mut ssh_config.approvals_url, defaults.approvals_url),
+            (&mut ssh_config.audit_url, defaults.audit_url),
+        ]);
+        let credentials = in_process.credentials(&ssh_config.name);
         let gateway = agentgate_ssh_proxy::gateway(&ssh_config, &data_dir, credentials).await?;
         Some(agentgate_ssh_proxy::start(&ssh_config, gateway, &data_dir).await?)
     } else {
@@ -208,7 +200,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         r = audit.wait() => return r.context("the audit store stopped"),
         r = authz.wait() => return r.context("authz stopped"),
         r = approvals.wait() => return r.context("approvals stopped"),
-        r = shutdown_signal() => r?,
+        _ = agentgate_telemetry::shutdown_signal() => {}
     }
     println!("stopping");
     if let Some(p) = pg_proxy {
@@ -227,14 +219,32 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Ctrl-C, or SIGTERM as a service manager sends it.
-async fn shutdown_signal() -> anyhow::Result<()> {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    tokio::select! {
-        r = tokio::signal::ctrl_c() => r?,
-        _ = term.recv() => {}
+/// What a proxy in `agentgate up` gets from the services beside it.
+struct InProcess<'a> {
+    authz: &'a agentgate_authz::RunningAuthz,
+    /// authz, approvals and the audit store, as URLs.
+    urls: [String; 3],
+}
+
+impl InProcess<'_> {
+    /// Points a proxy's authz, approvals and audit URLs (in that order) at this process's
+    /// services where they were left at their defaults.
+    fn point(&self, urls: [(&mut String, String); 3]) {
+        for ((url, default), here) in urls.into_iter().zip(&self.urls) {
+            if *url == default {
+                *url = here.clone();
+            }
+        }
     }
-    Ok(())
+
+    /// A service token for authz and approvals and a recorder token for the audit store,
+    /// both renewing.
+    fn credentials(&self, proxy: &str) -> agentgate_session::ServiceCredentials {
+        agentgate_session::ServiceCredentials {
+            service: self.authz.service_token_source(proxy),
+            recorder: self.authz.recorder_token_source(proxy),
+        }
+    }
 }
 
 fn create_private_dir(dir: &std::path::Path) -> anyhow::Result<()> {
