@@ -8,9 +8,10 @@ use std::net::SocketAddr;
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
-use agentgate_authz::{AuthzConfig, ConnectionConfig, RunningAuthz, UpstreamConfig};
+use agentgate_authz::{ConnectionConfig, RunningAuthz, UpstreamConfig};
 use agentgate_identity::TokenRequest;
-use agentgate_integration_tests::{AuditStoreFixture, Backend, Postgres, free_port};
+use agentgate_integration_tests::control_plane::ControlPlane;
+use agentgate_integration_tests::{AuditStoreFixture, Postgres, free_port};
 use agentgate_proto::approvals::v1::Verdict;
 use agentgate_proto::audit::v1::audit_event::Detail;
 use agentgate_proto::audit::v1::{AuditEvent, GetSessionEventsRequest, ListSessionsRequest};
@@ -69,30 +70,19 @@ struct Stack {
     approvals: agentgate_approvals::RunningApprovals,
     proxy: agentgate_pg_proxy::RunningPgProxy,
     _dir: tempfile::TempDir,
+    _authz_dir: tempfile::TempDir,
 }
 
 impl Stack {
     async fn start() -> Stack {
-        agentgate_tls::install_crypto_provider();
         let pg = Postgres::start().unwrap();
         psql_admin(&pg, "postgres", "CREATE DATABASE appdb");
         psql_admin(&pg, "appdb", SCHEMA);
-        // The store checks tokens with authz's authenticator once authz runs, as
-        // `agentgate up` wires it.
-        let authn = std::sync::Arc::new(agentgate_identity::LateAuthenticator::new(
-            "authz is starting",
-        ));
-        let audit = AuditStoreFixture::start_with(Backend::Sqlite, 100, authn.clone())
-            .await
-            .unwrap();
         let dir = tempfile::tempdir().unwrap();
-        let policy = dir.path().join("policy.cedar");
-        std::fs::write(&policy, POLICY).unwrap();
         let ro = dir.path().join("ro.secret");
         std::fs::write(&ro, "ro-secret\n").unwrap();
         let rw = dir.path().join("rw.secret");
         std::fs::write(&rw, "rw-secret\n").unwrap();
-        let approvals_port = free_port().unwrap();
         let roles = [
             (
                 "read".to_string(),
@@ -109,51 +99,36 @@ impl Stack {
                 },
             ),
         ];
-        let config = AuthzConfig {
-            listen: SocketAddr::from(([127, 0, 0, 1], free_port().unwrap())),
-            policy: Some(policy),
-            audit_url: Some(audit.endpoint()),
-            approvals_url: Some(format!("http://127.0.0.1:{approvals_port}")),
-            connections: vec![ConnectionConfig {
-                name: "appdb".into(),
-                protocol: "postgres".into(),
-                upstream: format!("127.0.0.1:{}", pg.port),
-                roles: roles.into_iter().collect(),
-                settings: [("database".to_string(), "appdb".to_string())]
-                    .into_iter()
-                    .collect(),
-            }],
-            ..Default::default()
+        let connection = ConnectionConfig {
+            name: "appdb".into(),
+            protocol: "postgres".into(),
+            upstream: format!("127.0.0.1:{}", pg.port),
+            roles: roles.into_iter().collect(),
+            settings: [("database".to_string(), "appdb".to_string())]
+                .into_iter()
+                .collect(),
         };
-        let authz = agentgate_authz::start(&config, dir.path()).await.unwrap();
-        authn.set(authz.authenticator());
-        let approvals_config = agentgate_approvals::ApprovalsConfig {
-            listen: SocketAddr::from(([127, 0, 0, 1], approvals_port)),
-            require_reason: false,
-            audit: agentgate_approvals::config::AuditConfig {
-                endpoint: audit.endpoint(),
-                ..Default::default()
-            },
-            ..Default::default()
-        };
-        let approvals = agentgate_approvals::start(
-            &approvals_config,
-            dir.path(),
-            authz.authenticator(),
-            Some(authz.recorder_token_source("approvals")),
-            None,
-        )
-        .await
-        .unwrap();
-        let service_token = authz
-            .service_token("pg-proxy", Duration::from_secs(3600))
+        let ControlPlane {
+            audit,
+            authz,
+            approvals,
+            dir: authz_dir,
+            ..
+        } = ControlPlane::start(POLICY, vec![connection], |_| {}, |_| {})
+            .await
             .unwrap();
         let token_file = dir.path().join("pg-proxy.token");
-        std::fs::write(&token_file, &service_token).unwrap();
+        std::fs::write(
+            &token_file,
+            authz
+                .service_token("pg-proxy", Duration::from_secs(3600))
+                .unwrap(),
+        )
+        .unwrap();
         let proxy_config = agentgate_pg_proxy::PgProxyConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             authz_url: format!("http://{}", authz.addr),
-            approvals_url: format!("http://127.0.0.1:{approvals_port}"),
+            approvals_url: format!("http://{}", approvals.addr),
             audit_url: audit.endpoint(),
             service_token_file: Some(token_file),
             ..Default::default()
@@ -171,6 +146,7 @@ impl Stack {
             approvals,
             proxy,
             _dir: dir,
+            _authz_dir: authz_dir,
         }
     }
 
