@@ -10,8 +10,16 @@
 //!   formats (`AKIA`, `ghp_`, `xoxb-`, `eyJ`, `-----BEGIN `, …).
 //!
 //! The two anchor sources are merged in position order. At each anchor only the detectors
-//! that can start there run, each reading a bounded window, so text without anchors costs a
-//! table lookup per byte, and the total work is linear in the input.
+//! that can start there run, each reading a bounded window, so the total work is linear in
+//! the input.
+//!
+//! Logs are full of numbers (timestamps, sizes, ids), and nearly all of them are no secret.
+//! So single-byte anchors are sifted 64 bytes at a time before any detector sees them: a
+//! block without an anchor byte is skipped by one vectorised test, and in the others each
+//! byte class (digits, dots, …) becomes a bit mask, and the shape every digit detector
+//! needs (a card's first 12 bytes, an SSN's `ddd-dd-dddd`, …) becomes a few shifts and ands
+//! over the masks. Only the digit runs that fit some detector that is on, and the `@` and
+//! `:`, reach the exact shape tests and then the detectors.
 
 use aho_corasick::{AhoCorasick, Input, MatchKind};
 
@@ -45,7 +53,25 @@ pub(crate) struct Scanner {
     max_lit: usize,
     /// Some detector anchored on digits is on.
     digits_on: bool,
+    /// Which digit shapes, and which single-byte anchors, can lead to a match.
+    shapes: Shapes,
+    /// Whole blocks are sifted by [`Scanner::block_anchors`]. Only tests turn it off, to
+    /// compare with the word-at-a-time path that needs no such sifting.
+    block_masks: bool,
     any: bool,
+}
+
+/// The detectors behind the single-byte anchors, as the shape tests need them: a digit run
+/// is only worth confirming if the shape of some detector that is on fits it.
+#[derive(Debug, Clone, Copy, Default)]
+struct Shapes {
+    card: bool,
+    ssn: bool,
+    phone: bool,
+    ipv4: bool,
+    iban: bool,
+    at: bool,
+    colon: bool,
 }
 
 impl std::fmt::Debug for Scanner {
@@ -113,6 +139,16 @@ impl Scanner {
             lits,
             max_lit,
             digits_on: class[b'0' as usize] == DIGIT,
+            shapes: Shapes {
+                card: on(DetectorKind::PaymentCard),
+                ssn: on(DetectorKind::UsSsn),
+                phone: on(DetectorKind::Phone),
+                ipv4: on(DetectorKind::Ipv4),
+                iban: on(DetectorKind::Iban),
+                at: class[b'@' as usize] != 0,
+                colon: class[b':' as usize] != 0,
+            },
+            block_masks: true,
             any: !kinds.is_empty(),
         }
     }
@@ -168,6 +204,7 @@ impl Scanner {
                 lo,
             };
         }
+        let mut blocks = BlockCache::default();
         let mut class_next: Option<usize> = None; // cached next single-byte anchor >= pos
         let mut class_done = false; // no single-byte anchor left before `limit`
         let mut lit_next: Option<(usize, usize)> = None; // cached next literal >= pos
@@ -177,7 +214,7 @@ impl Scanner {
                 break;
             }
             if !class_done && class_next.is_none_or(|c| c < pos) {
-                class_next = self.next_class_anchor(hay, pos, limit);
+                class_next = self.next_class_anchor(hay, pos, limit, &mut blocks);
                 class_done = class_next.is_none();
             }
             if !lit_done && lit_next.is_none_or(|(p, _)| p < pos) {
@@ -227,18 +264,62 @@ impl Scanner {
 
     /// The next single-byte anchor in `pos..limit` worth confirming: `@`, `:`, or a digit
     /// that starts a digit run not glued to a word or decimal point (unless two capitals
-    /// before it may start an IBAN). Eight bytes at a time, with branch-free byte masks; the
-    /// candidates of a word are then put through the cheap shape tests
-    /// ([`Self::digit_shape`], …), so that the numbers, times and `key: value` colons that fill
-    /// logs are dropped here, before any detector runs.
+    /// before it may start an IBAN). Where 64 bytes and the [`AHEAD`] bytes after them are
+    /// at hand, [`Self::block_anchors`] drops, with bit masks over the whole block, the digit
+    /// runs whose shape fits no detector that is on (a timestamp, `1234`); the few left, and
+    /// the `@` and `:`, go through the exact shape tests ([`Self::digit_shape`], …), so that
+    /// the numbers, times and `key: value` colons that fill logs are dropped before any
+    /// detector runs. The last bytes of the input are looked at eight at a time.
     #[inline]
-    fn next_class_anchor(&self, hay: Hay, pos: usize, limit: usize) -> Option<usize> {
+    fn next_class_anchor(
+        &self,
+        hay: Hay,
+        pos: usize,
+        limit: usize,
+        cache: &mut BlockCache,
+    ) -> Option<usize> {
+        let b = hay.b;
+        let mut i = pos - pos % BLOCK;
+        while self.block_masks && i < limit && i + BLOCK + AHEAD <= b.len() {
+            let bits = if cache.at == Some(i) {
+                cache.bits
+            } else if self.block_may_anchor(&b[i..i + BLOCK]) {
+                let m = self.block_anchors(b, i);
+                *cache = BlockCache {
+                    at: Some(i),
+                    bits: m,
+                };
+                m
+            } else {
+                // Whole blocks without a single anchor byte (binary data, zeros, prose
+                // without digits) are skipped with a test the compiler vectorises.
+                i += BLOCK;
+                continue;
+            };
+            let mut m = bits & (u64::MAX << (pos.max(i) - i));
+            while m != 0 {
+                let k = i + m.trailing_zeros() as usize;
+                if k >= limit {
+                    return None;
+                }
+                if self.worth(hay, k) {
+                    return Some(k);
+                }
+                m &= m - 1;
+            }
+            i += BLOCK;
+        }
+        self.next_in_words(hay, pos.max(i), limit)
+    }
+
+    /// The next single-byte anchor in `pos..to` worth confirming, eight bytes at a time with
+    /// branch-free byte masks (and blocks without an anchor byte skipped at once).
+    #[inline]
+    fn next_in_words(&self, hay: Hay, pos: usize, to: usize) -> Option<usize> {
         let b = hay.b;
         let mut i = pos;
-        while i + 8 <= limit {
-            // Whole blocks without a single anchor byte (binary data, zeros, prose without
-            // digits) are skipped with a test the compiler vectorises.
-            if i + BLOCK <= limit && !self.block_may_anchor(&b[i..i + BLOCK]) {
+        while i + 8 <= to {
+            if i + BLOCK <= to && !self.block_may_anchor(&b[i..i + BLOCK]) {
                 i += BLOCK;
                 continue;
             }
@@ -246,8 +327,7 @@ impl Scanner {
             w.copy_from_slice(&b[i..i + 8]);
             let x = u64::from_le_bytes(w);
             let p1 = if i >= 1 { b[i - 1] } else { 0 };
-            let p2 = if i >= 2 { b[i - 2] } else { 0 };
-            let mut m = self.anchor_mask(x, p1, p2);
+            let mut m = self.anchor_mask(x, p1);
             while m != 0 {
                 let k = i + (m.trailing_zeros() / 8) as usize;
                 if self.worth(hay, k) {
@@ -257,13 +337,134 @@ impl Scanner {
             }
             i += 8;
         }
-        while i < limit {
+        while i < to {
             if self.is_anchor(b, i) && self.worth(hay, i) {
                 return Some(i);
             }
             i += 1;
         }
         None
+    }
+
+    /// Bit k set iff byte `i + k` may be an anchor worth confirming: `@` or `:` (when their
+    /// detectors are on), or a digit starting a digit run whose surroundings fit the shape
+    /// of a digit detector that is on. Needs `i + BLOCK + AHEAD <= b.len()`. Every test here
+    /// is a necessary condition of a match (see the shapes below), so a cleared bit never
+    /// hides one; set bits still go through [`Self::worth`].
+    ///
+    /// Each class of bytes (digits, dots, …) is turned into one bit per byte for the block
+    /// and the [`AHEAD`] bytes after it, and the shapes become shifts and ands over those
+    /// bits: a few operations for 64 bytes, where testing each digit run costs a dozen
+    /// branches. Separators are mostly tested as "not a digit", which needs no class of
+    /// its own; [`Self::digit_shape`] checks them exactly.
+    #[inline]
+    fn block_anchors(&self, b: &[u8], i: usize) -> u64 {
+        let sh = self.shapes;
+        let mut words = [0u64; WORDS];
+        for (w, x) in words.iter_mut().enumerate() {
+            let mut a = [0u8; 8];
+            a.copy_from_slice(&b[i + 8 * w..i + 8 * w + 8]);
+            *x = u64::from_le_bytes(a);
+        }
+        // One bit per byte of each class, 8 bytes at a time, in one u128 per class (bits 80
+        // and up stand for no byte). One loop per class, so that the choice of classes is
+        // made once per block.
+        let class = |f: &dyn Fn(u64) -> u64| {
+            let mut m = 0u128;
+            for (w, &x) in words.iter().enumerate() {
+                m |= u128::from(bits(f(x))) << (8 * w);
+            }
+            m
+        };
+        let none = 0u128;
+        // A class of rare bytes (`+`, `@`) that the window lacks costs a quick vectorised
+        // look instead of its bits.
+        let mut window = [0u8; BLOCK + AHEAD];
+        window.copy_from_slice(&b[i..i + BLOCK + AHEAD]);
+        let at = sh.at && any_byte(&window, |c| c == b'@');
+        let mut m = match (at, sh.colon) {
+            (true, true) => class(&|x| eq(x, b'@') | eq(x, b':')),
+            (true, false) => class(&|x| eq(x, b'@')),
+            (false, true) => class(&|x| eq(x, b':')),
+            (false, false) => none,
+        };
+        let d = if self.digits_on {
+            class(&|x| between(x, b'0' - 1, b'9' + 1))
+        } else {
+            none
+        };
+        if d as u64 == 0 {
+            // no digit in the block: no digit run starts there
+            return m as u64;
+        }
+        let dot = if sh.phone || sh.ipv4 {
+            class(&|x| eq(x, b'.'))
+        } else {
+            none
+        };
+        let pp = if sh.phone && any_byte(&window, |c| (c == b'+') | (c == b'(')) {
+            class(&|x| eq(x, b'+') | eq(x, b'('))
+        } else {
+            none
+        };
+        let up = if sh.iban {
+            class(&|x| between(x, b'A' - 1, b'Z' + 1))
+        } else {
+            none
+        };
+        // Bit j of `x >> k` tells about byte j + k; `before(x, c)` about byte j - 1, with
+        // the byte before the block given.
+        let before = |x: u128, c: u8, f: fn(u8) -> bool| x << 1 | u128::from(f(c));
+        let p1 = if i >= 1 { b[i - 1] } else { 0 };
+        let p2 = if i >= 2 { b[i - 2] } else { 0 };
+        // Bit j of `n` for a non-digit: no shape reads past bit 63 + 12, inside AHEAD.
+        let n = !d;
+        let d2 = d & d >> 1;
+        let d3 = d2 & d >> 2;
+        let d4 = d2 & d2 >> 2;
+        let mut fits = 0u128;
+        if sh.card {
+            // 12 to 19 digits, one run or groups of 3 to 6 joined by single separators
+            // (`detect::payment_card`). The first 12 bytes are inside the number, so a
+            // non-digit there is a separator, after the first group of 3 digits or more,
+            // and followed by a group: one of 3 digits or more, or the last group, which
+            // holds what is left of the 12 digits at least. So a non-digit at offset k of
+            // the first 12 bytes has a digit at k + 1 and k + 2 (k <= 10) and k + 3
+            // (k <= 9). A run of fewer than 12 digits followed by two non-digits (`1234567
+            // May`, a timestamp) fails.
+            let n1 = n & n >> 1;
+            let n2 = n1 | n & n >> 2;
+            let n3 = n2 | n & n >> 3;
+            let c2 = n3 | n3 >> 1;
+            let c4 = c2 | c2 >> 2;
+            let c8 = c4 | c4 >> 4;
+            fits |= d3 & !(c8 | c2 >> 8 | n2 >> 10 | n1 >> 11);
+        }
+        if sh.ssn {
+            // `ddd-dd-dddd` or with spaces (`detect::us_ssn`)
+            fits |= d3 & n >> 3 & d2 >> 4 & n >> 6 & d4 >> 7;
+        }
+        if sh.phone {
+            // after `+` or `(`; `ddd-ddd-dddd` with spaces, dashes or dots; `1 ` and a
+            // digit or `(` (`detect::phone`)
+            fits |= before(pp, p1, |c| c == b'+' || c == b'(')
+                | d3 & n >> 3 & d3 >> 4 & n >> 7 & d4 >> 8
+                | n >> 1 & (d | pp) >> 2;
+        }
+        if sh.ipv4 {
+            // 1 to 3 digits, a dot, 1 to 3 digits, a dot (`detect::ipv4`)
+            let octet_dot = d & (dot >> 1 | d >> 1 & dot >> 2 | d2 >> 1 & dot >> 3);
+            let next = dot & octet_dot >> 1;
+            fits |= next >> 1 | d2 & next >> 2 | d3 & next >> 3;
+        }
+        if sh.iban {
+            // two capitals before the check digits (`detect::iban`)
+            let upper = |c: u8| c.is_ascii_uppercase();
+            fits |= before(up, p1, upper) & (before(up, p1, upper) << 1 | u128::from(upper(p2)));
+        }
+        // digits starting a run
+        m |= d & !before(d, p1, |c| c.is_ascii_digit()) & fits;
+        m as u64
     }
 
     /// Whether `block` holds a digit (when a digit detector is on), `@` or `:` (when theirs
@@ -286,7 +487,7 @@ impl Scanner {
     /// High bit of byte k set iff byte k of `x` is `@`, `:` or a digit that starts a digit
     /// run; `p1` is the byte before `x` (0 at the start of the input).
     #[inline(always)]
-    fn anchor_mask(&self, x: u64, p1: u8, _p2: u8) -> u64 {
+    fn anchor_mask(&self, x: u64, p1: u8) -> u64 {
         let mut m = 0;
         if self.digits_on {
             let digit = between(x, b'0' - 1, b'9' + 1);
@@ -327,17 +528,19 @@ impl Scanner {
         }
     }
 
-    /// Can a card, SSN, phone number or IPv4 address start with the digit run at `a`? Most
-    /// numbers in text (counts, sizes, dates, times) are rejected by their shape.
+    /// Can a card, SSN, phone number or IPv4 address start with the digit run at `a`, as far
+    /// as the detectors that are on go? Most numbers in text (counts, sizes, dates, times)
+    /// fit none of their shapes. Each test below is a necessary condition of its detector.
     #[inline(always)]
     fn digit_shape(&self, h: &Hay, a: usize) -> Decide<bool> {
+        let sh = self.shapes;
         let b = h.b;
         let prev = h.prev(a);
         if prev.is_some_and(glued) {
             // every detector but IBAN refuses a number glued to a word or a decimal point
             return Ok(false);
         }
-        if matches!(prev, Some(b'+' | b'(')) {
+        if sh.phone && matches!(prev, Some(b'+' | b'(')) {
             return Ok(true);
         }
         let mut e = a;
@@ -348,34 +551,54 @@ impl Scanner {
             }
         }
         let l = e - a;
+        let lead = b[a];
+        // card numbers start with 2 to 6 (issuer prefixes, `detect::card_issuer_ok`)
+        let card = sh.card && (b'2'..=b'6').contains(&lead);
         if l >= 12 {
-            return Ok(true);
+            // only a card is a run of 12 digits or more
+            return Ok(card);
         }
         let d = |i: usize| h.is(i, |c| c.is_ascii_digit());
-        Ok(match h.get(e)? {
-            Some(c @ (b' ' | b'-')) => {
-                // SSN: 3 digits, 2 digits, the same separator; card group, NANP: 3+ digits;
-                // NANP with country code: "1 415…", "1 (415)…"
-                (l == 3 && d(e + 1)? && d(e + 2)? && h.get(e + 3)? == Some(c))
-                    || ((3..=6).contains(&l) && d(e + 1)? && d(e + 2)? && d(e + 3)?)
-                    || (l == 1 && b[a] == b'1' && (d(e + 1)? || h.get(e + 1)? == Some(b'(')))
-            }
-            // IPv4 octet, NANP with dots
-            Some(b'.') => l <= 3 && d(e + 1)?,
-            _ => false,
-        })
+        let Some(c @ (b' ' | b'-' | b'.')) = h.get(e)? else {
+            return Ok(false);
+        };
+        // NANP with country code: "1 415…", "1 (415)…"
+        if sh.phone && l == 1 && lead == b'1' && (d(e + 1)? || h.get(e + 1)? == Some(b'(')) {
+            return Ok(true);
+        }
+        if !d(e + 1)? {
+            return Ok(false);
+        }
+        // IPv4: 1 to 3 digits and a dot, twice
+        if sh.ipv4 && c == b'.' && l <= 3 && octet_dot(h, e + 1)? {
+            return Ok(true);
+        }
+        if !(3..=6).contains(&l) || !d(e + 2)? {
+            return Ok(false);
+        }
+        // SSN: 3 digits, 2 digits, the same separator (space or dash)
+        if sh.ssn && c != b'.' && l == 3 && h.get(e + 3)? == Some(c) {
+            return Ok(true);
+        }
+        // card: a group of 3 to 6 digits, a space or dash, 3 digits or more; NANP: 3 digits,
+        // 3 digits, the area code starting with 2 to 9
+        Ok(((card && c != b'.') || (sh.phone && l == 3 && lead >= b'2')) && d(e + 3)?)
     }
 
-    /// `scheme://` (URL credentials) or a colon next to a hex digit or colon (IPv6).
+    /// `scheme://` (URL credentials) or an IPv6 address around the colon at `a`.
     #[inline]
     fn colon_shape(&self, h: &Hay, a: usize) -> Decide<bool> {
         let next = h.get(a + 1)?;
         if next == Some(b'/') {
             return Ok(self.on(DetectorKind::UrlCredentials));
         }
-        Ok(self.on(DetectorKind::Ipv6)
-            && (h.prev(a).is_some_and(|c| c.is_ascii_hexdigit())
-                || next.is_some_and(|c| c.is_ascii_hexdigit() || c == b':')))
+        if !self.on(DetectorKind::Ipv6)
+            || !(h.prev(a).is_some_and(|c| c.is_ascii_hexdigit())
+                || next.is_some_and(|c| c.is_ascii_hexdigit() || c == b':'))
+        {
+            return Ok(false);
+        }
+        ipv6_colons(h, a)
     }
 
     fn next_literal(&self, b: &[u8], pos: usize, limit: usize) -> Option<(usize, usize)> {
@@ -476,8 +699,38 @@ impl Scanner {
     }
 }
 
-/// Bytes tested at once by [`Scanner::block_may_anchor`].
+/// Bytes tested at once by [`Scanner::block_may_anchor`] and [`Scanner::block_anchors`].
 const BLOCK: usize = 64;
+/// Bytes after a block that its shape tests read (the longest shape reads 12 past a digit
+/// run's first digit), rounded up to whole words.
+const AHEAD: usize = 16;
+/// Words of 8 bytes classified per block: the block and [`AHEAD`].
+const WORDS: usize = (BLOCK + AHEAD) / 8;
+
+/// The anchors of the last block [`Scanner::block_anchors`] computed, kept for the next
+/// call of one scan.
+#[derive(Debug, Default, Clone, Copy)]
+struct BlockCache {
+    at: Option<usize>,
+    bits: u64,
+}
+
+/// Whether `f` holds for a byte of `window`: branch-free, so that it compiles to SIMD.
+#[inline(always)]
+fn any_byte(window: &[u8; BLOCK + AHEAD], f: impl Fn(u8) -> bool) -> bool {
+    let mut hit = 0u8;
+    for &c in window {
+        hit |= u8::from(f(c));
+    }
+    hit != 0
+}
+
+/// One bit per byte from the high bits of a byte mask (bit k for byte k).
+#[inline(always)]
+fn bits(highs: u64) -> u8 {
+    // Byte k's bit lands on bit 56 + k; no two partial products overlap, so no carries.
+    ((highs >> 7).wrapping_mul(0x0102_0408_1020_4080) >> 56) as u8
+}
 
 const ONES: u64 = 0x0101_0101_0101_0101;
 const LOW7: u64 = ONES * 127;
@@ -509,8 +762,340 @@ fn at_shape(h: &Hay, a: usize) -> Decide<bool> {
         && h.is(a + 1, |c| c.is_ascii_alphanumeric())?)
 }
 
+/// 1 to 3 digits from `i`, then a dot: an IPv4 octet that is not the last.
+#[inline]
+fn octet_dot(h: &Hay, i: usize) -> Decide<bool> {
+    for k in 0..3 {
+        if !h.is(i + k, |c| c.is_ascii_digit())? {
+            return Ok(k > 0 && h.get(i + k)? == Some(b'.'));
+        }
+    }
+    Ok(h.get(i + 3)? == Some(b'.'))
+}
+
+/// Can an IPv6 address hold the colon at `a`? `detect::ipv6` takes at most four hex digits
+/// before it, so every colon of the address is at or after `a`, and an address has a `::` or
+/// at least six colons, with 1 to 4 hex digits between two colons. Times (`12:34:56`) and
+/// `key:value` have neither.
+#[inline]
+fn ipv6_colons(h: &Hay, a: usize) -> Decide<bool> {
+    let mut colon = a;
+    // the second to the sixth colon
+    for _ in 0..5 {
+        let mut k = colon + 1;
+        while k - colon <= 4 && h.is(k, |c| c.is_ascii_hexdigit())? {
+            k += 1;
+        }
+        match h.get(k)? {
+            Some(b':') if k == colon + 1 => return Ok(true),
+            Some(b':') => colon = k,
+            _ => return Ok(false),
+        }
+    }
+    Ok(true)
+}
+
 /// A byte that glues a following digit run to something else (a word, a decimal number).
 #[inline(always)]
 fn glued(p: u8) -> bool {
     p.is_ascii_alphanumeric() || p == b'.' || p == b'_'
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{MaskReport, Masker, MaskingConfig, RuleConfig, Selector, Strategy};
+
+    /// `body` followed by its Luhn check digit.
+    fn luhn(body: &str) -> String {
+        let mut digits: Vec<u8> = body.bytes().map(|c| c - b'0').collect();
+        digits.push(0);
+        let check = (0..10u8)
+            .find(|&c| {
+                digits[body.len()] = c;
+                detect::luhn_ok(&digits)
+            })
+            .map_or(0, |c| c);
+        format!("{body}{check}")
+    }
+
+    /// `number` cut into groups of `sizes` digits joined by `sep`.
+    fn grouped(number: &str, sizes: &[usize], sep: char) -> String {
+        let mut out = String::new();
+        let mut at = 0;
+        for (k, size) in sizes.iter().enumerate() {
+            if k > 0 {
+                out.push(sep);
+            }
+            out.push_str(&number[at..at + size]);
+            at += size;
+        }
+        assert_eq!(at, number.len(), "groups must cover {number}");
+        out
+    }
+
+    /// Card numbers at the edges of the length range, plain and grouped: 12 digits (Maestro),
+    /// 13 and 19 (Visa).
+    fn edge_cards() -> Vec<String> {
+        let c12 = luhn("50180000000");
+        let c13 = luhn("422222222222");
+        let c19 = luhn("411111111111111111");
+        assert_eq!((c12.len(), c13.len(), c19.len()), (12, 13, 19));
+        let mut cards = vec![c12.clone(), c13.clone(), c19.clone()];
+        for sep in [' ', '-'] {
+            cards.push(grouped(&c12, &[4, 4, 4], sep));
+            cards.push(grouped(&c12, &[6, 6], sep));
+            cards.push(grouped(&c12, &[3, 3, 3, 3], sep));
+            cards.push(grouped(&c12, &[5, 5, 2], sep));
+            cards.push(grouped(&c13, &[4, 4, 4, 1], sep));
+            cards.push(grouped(&c13, &[4, 4, 5], sep));
+            cards.push(grouped(&c19, &[4, 4, 4, 4, 3], sep));
+            cards.push(grouped(&c19, &[6, 6, 6, 1], sep));
+        }
+        cards
+    }
+
+    /// Digit-dense text as ssh-proxy relays it: timestamps, ids, sizes, addresses.
+    const LOG_LINE: &str = "2026-11-26T12:00:00.123Z INFO req=4f2a9c user=42 path=/api/v1/items?id=1234 took 12 ms from 10.1.2.3:5678\n";
+
+    fn filler(len: usize) -> String {
+        LOG_LINE.chars().cycle().take(len).collect()
+    }
+
+    /// The same detectors without the block masks: the word-at-a-time path.
+    fn without_masks(kinds: &[DetectorKind]) -> Scanner {
+        let mut s = Scanner::new(kinds);
+        s.block_masks = false;
+        s
+    }
+
+    fn card_masker() -> Masker {
+        let config = MaskingConfig {
+            rules: vec![RuleConfig {
+                name: "cards".into(),
+                selector: Selector::Detector(DetectorKind::PaymentCard),
+                strategy: Strategy::Redact,
+            }],
+        };
+        Masker::new(&config, None).expect("valid config")
+    }
+
+    #[test]
+    fn bits_gives_one_bit_per_byte() {
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        for _ in 0..1000 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let highs = x & HIGHS;
+            let want = (0..8).fold(0u8, |m, k| {
+                m | (u8::from(highs >> (8 * k + 7) & 1 == 1) << k)
+            });
+            assert_eq!(bits(highs), want, "{highs:#x}");
+        }
+    }
+
+    #[test]
+    fn edge_cards_are_found_at_every_offset_of_a_block() {
+        let kinds = [
+            vec![DetectorKind::PaymentCard],
+            vec![
+                DetectorKind::Email,
+                DetectorKind::PaymentCard,
+                DetectorKind::AwsAccessKey,
+            ],
+            DetectorKind::ALL.to_vec(),
+        ];
+        for kinds in &kinds {
+            let (masked, plain) = (Scanner::new(kinds), without_masks(kinds));
+            for card in edge_cards() {
+                // every position of the card relative to a block, and near the input's end
+                for offset in 0..2 * BLOCK + AHEAD {
+                    let text = format!("{} {card} ms {}", filler(offset), filler(150));
+                    for input in [text.as_str(), &text[..offset + 1 + card.len()]] {
+                        let found = masked.find_all(input.as_bytes());
+                        let card_at = |f: &Found| {
+                            f.kind == DetectorKind::PaymentCard
+                                && f.start == offset + 1
+                                && f.end == offset + 1 + card.len()
+                        };
+                        assert!(
+                            found.iter().any(card_at),
+                            "{card:?} at {offset} not found with {kinds:?}"
+                        );
+                        assert_eq!(found, plain.find_all(input.as_bytes()), "{input:?}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn digit_runs_below_the_threshold_are_not_cards() {
+        let (masked, plain) = (
+            Scanner::new(&[DetectorKind::PaymentCard]),
+            without_masks(&[DetectorKind::PaymentCard]),
+        );
+        let c12 = luhn("50180000000");
+        let c13 = luhn("422222222222");
+        let short = [
+            c12[..11].to_owned(),
+            c13[..11].to_owned(),
+            grouped(&c12[..11], &[4, 4, 3], ' '),
+            grouped(&c12[..11], &[4, 4, 3], '-'),
+            grouped(&c12[..11], &[3, 3, 3, 2], ' '),
+            grouped(&c12[..11], &[6, 5], '-'),
+        ];
+        for number in &short {
+            for offset in 0..BLOCK + 8 {
+                let input = format!("{} {number} ms {}", filler(offset), filler(150));
+                assert!(masked.find_all(input.as_bytes()).is_empty(), "{input:?}");
+                assert!(plain.find_all(input.as_bytes()).is_empty(), "{input:?}");
+            }
+        }
+        // Plain runs of fewer than 12 digits followed by text never reach the shape tests,
+        // nor do the numbers of a log line; a run of 12 digits does.
+        for len in 1..=12 {
+            let input = format!("x {} ms {}", &c13[..len], filler(100));
+            let bits = masked.block_anchors(input.as_bytes(), 0);
+            assert_eq!(bits & (1 << 2) != 0, len == 12, "{len} digits");
+        }
+        let line = filler(BLOCK + AHEAD);
+        assert_eq!(masked.block_anchors(line.as_bytes(), 0), 0, "{line:?}");
+    }
+
+    #[test]
+    fn card_split_across_chunks_at_every_position_is_masked() {
+        let masker = card_masker();
+        for card in edge_cards() {
+            let before = filler(3000);
+            let text = format!("{before} {card} ms {}", filler(3000));
+            let mut r = MaskReport::new();
+            let whole = masker.mask_bytes(text.as_bytes(), &mut r).into_owned();
+            assert_eq!(r.count("cards"), 1, "{card}");
+            let start = before.len() + 1;
+            // every cut inside the card and a few bytes around it, and cuts that put the card
+            // at the junction of the next chunk
+            let cuts = (start - 4..start + card.len() + 4).chain(start - 300..start - 200);
+            for cut in cuts {
+                for borrowed in [false, true] {
+                    let mut s = masker.stream();
+                    let mut out = Vec::new();
+                    let mut r = MaskReport::new();
+                    for piece in [&text.as_bytes()[..cut], &text.as_bytes()[cut..]] {
+                        if borrowed {
+                            let mut built = Vec::new();
+                            let range = s.push_borrowed(piece, &mut built, &mut r);
+                            out.extend_from_slice(&built);
+                            out.extend_from_slice(&piece[range]);
+                        } else {
+                            s.push(piece, &mut out, &mut r);
+                        }
+                    }
+                    s.finish(&mut out, &mut r);
+                    assert!(out == whole, "{card} cut at {cut} (borrowed: {borrowed})");
+                    assert_eq!(r.count("cards"), 1);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn block_masks_change_no_match() {
+        // Pseudo-random digit-dense text with secrets in it, scanned with and without the
+        // block masks, for the recommended detectors and each digit detector alone.
+        const PIECES: &[&str] = &[
+            "4111 1111 1111 1111",
+            "5555555555554444",
+            "378282246310005",
+            "123-45-6789",
+            "123 45 6789",
+            "(415) 555-2671",
+            "415.555.2671",
+            "1 415 555 2671",
+            "+44 20 7946 0958",
+            "10.1.2.3",
+            "1.2.3.4.5",
+            "DE89 3704 0044 0532 0130 00",
+            "GB82WEST12345698765432",
+            "fe80::1",
+            "1:2:3:4:5:6:7:8",
+            "12:34:56",
+            "2024-05-01T12:34:56.789Z",
+            "ann@example.com",
+            "1234.56",
+            "12345678901",
+        ];
+        let mut sets: Vec<Vec<DetectorKind>> = vec![DetectorKind::ALL.to_vec()];
+        for k in [
+            DetectorKind::PaymentCard,
+            DetectorKind::UsSsn,
+            DetectorKind::Phone,
+            DetectorKind::Ipv4,
+            DetectorKind::Iban,
+            DetectorKind::Ipv6,
+        ] {
+            sets.push(vec![k]);
+        }
+        let mut x = 0x2545_f491_4f6c_dd1du64;
+        let mut next = |n: u64| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x % n) as usize
+        };
+        for _ in 0..300 {
+            let mut input = Vec::new();
+            while input.len() < 600 {
+                match next(4) {
+                    0 | 1 => input.extend_from_slice(PIECES[next(PIECES.len() as u64)].as_bytes()),
+                    2 => input.push(b"0123456789 -.:+(A"[next(17)]),
+                    _ => input.push(b" x\n"[next(3)]),
+                }
+            }
+            for kinds in &sets {
+                let (masked, plain) = (Scanner::new(kinds), without_masks(kinds));
+                assert_eq!(
+                    masked.find_all(&input),
+                    plain.find_all(&input),
+                    "{kinds:?} {:?}",
+                    String::from_utf8_lossy(&input)
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn colons_of_times_are_no_ipv6_anchor() {
+        let s = Scanner::new(&[DetectorKind::Ipv6]);
+        let shape = |t: &str| {
+            let hay = Hay {
+                b: t.as_bytes(),
+                eof: true,
+            };
+            s.colon_shape(&hay, t.find(':').map_or(0, |a| a))
+        };
+        for t in [
+            "12:34:56.789Z",
+            "09:45 report",
+            "key:value",
+            "a1:b2:c3:d4:e5",
+        ] {
+            assert_eq!(shape(t), Ok(false), "{t}");
+        }
+        for t in [
+            "fe80::1",
+            "2001:db8::8a2e:370:7334",
+            "1:2:3:4:5:6:7:8",
+            "::ffff:1.2.3.4",
+        ] {
+            assert_eq!(shape(t), Ok(true), "{t}");
+        }
+        // a stream prefix that ends inside the address asks for more
+        let hay = Hay {
+            b: b"2001:db8:1",
+            eof: false,
+        };
+        assert_eq!(s.colon_shape(&hay, 4), Err(NeedMore));
+    }
 }

@@ -101,10 +101,11 @@ impl StreamMasker {
     /// The result is byte-for-byte what `push` gives (and so what [`Masker::mask_bytes`]
     /// gives for the whole stream). How: the held bytes and the first [`JUNCTION`] bytes of
     /// the chunk are scanned as a stream prefix in a small copy, and the rest of the chunk
-    /// in place, from the point where no detector can look back past the chunk's start. When
-    /// that does not work out — a short chunk, a candidate still undecided from earlier
-    /// chunks or at the junction — the chunk takes `push`'s copying path and the range is
-    /// empty.
+    /// in place, from the point where no detector can look back past the chunk's start (a
+    /// candidate still undecided at the end of the junction is decided there too). When that
+    /// does not work out — a short chunk, a candidate from earlier chunks that waits for more
+    /// bytes than the junction holds, or one undecided within the chunk's first bytes — the
+    /// chunk takes `push`'s copying path and the range is empty.
     pub fn push_borrowed(
         &mut self,
         chunk: &[u8],
@@ -115,11 +116,13 @@ impl StreamMasker {
         if !scanner.any() {
             return 0..chunk.len();
         }
-        if chunk.len() < BORROW_MIN || self.retry_len != 0 {
+        let base = self.buf.len();
+        // A candidate pending from earlier chunks is decided in the junction if the bytes it
+        // waits for are there.
+        if chunk.len() < BORROW_MIN || self.retry_len > base + JUNCTION {
             self.push(chunk, out, report);
             return 0..0;
         }
-        let base = self.buf.len();
         let mut junction = std::mem::take(&mut self.junction);
         junction.clear();
         junction.extend_from_slice(&self.buf);
@@ -142,8 +145,9 @@ impl StreamMasker {
                 written = m.end;
             },
         );
-        if head.pending || head.resume < base + IN_PLACE_FROM {
-            // A candidate at the junction needs more than the junction holds.
+        if head.resume < base + IN_PLACE_FROM {
+            // A candidate at the junction needs more than the junction holds. (One further
+            // in is decided in place, where the whole chunk is at hand.)
             out.truncate(mark);
             self.junction = junction;
             self.push(chunk, out, report);
