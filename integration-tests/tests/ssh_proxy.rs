@@ -15,11 +15,15 @@ use agentgate_authz::{AuthzConfig, ConnectionConfig, RunningAuthz, SshKeyConfig,
 use agentgate_identity::TokenRequest;
 use agentgate_integration_tests::sshd::Sshd;
 use agentgate_integration_tests::{AuditStoreFixture, Backend, free_port};
-use agentgate_proto::approvals::v1::Verdict;
+use agentgate_proto::approvals::v1::approvals_client::ApprovalsClient;
+use agentgate_proto::approvals::v1::{ReviewRequest, Verdict};
 use agentgate_proto::audit::v1::audit_event::Detail;
 use agentgate_proto::audit::v1::{AuditEvent, ListSessionsRequest, ReplaySessionRequest};
-use agentgate_proto::authz::v1::SignSshCertificateRequest;
 use agentgate_proto::authz::v1::authz_client::AuthzClient;
+use agentgate_proto::authz::v1::{
+    ListGrantsRequest, RequestAccessRequest, RevokeGrantRequest, RevokeTokenRequest,
+    SignSshCertificateRequest,
+};
 use agentgate_proto::common::v1::PrincipalKind;
 
 const POLICY: &str = r#"
@@ -30,6 +34,12 @@ when { context.role == "ops" || context.role == "read" };
 @id("agents-web1cert")
 permit (principal in Agentgate::Group::"agents", action == Agentgate::Action::"connect", resource == Agentgate::Connection::"web1cert")
 when { context.role == "ops" };
+
+@id("agents-request-jit")
+@max_duration("1h")
+@approvers("sre")
+permit (principal in Agentgate::Group::"agents", action == Agentgate::Action::"request_access", resource == Agentgate::Connection::"web1")
+when { context.role == "jit" };
 
 @id("agents-badhost")
 permit (principal in Agentgate::Group::"agents", action == Agentgate::Action::"connect", resource == Agentgate::Connection::"badhost");
@@ -162,6 +172,8 @@ impl Stack {
                     roles: [
                         ("ops".to_string(), role(&sshd.user)),
                         ("read".to_string(), role(&sshd.user)),
+                        // Only with a just-in-time grant (no standing access).
+                        ("jit".to_string(), role(&sshd.user)),
                     ]
                     .into_iter()
                     .collect(),
@@ -272,18 +284,31 @@ impl Stack {
     }
 
     fn token(&self, subject: &str, groups: &[&str], ttl: Duration) -> String {
-        self.authz
+        self.token_and_id(subject, PrincipalKind::Agent, groups, ttl)
+            .0
+    }
+
+    /// A token and its id (what `RevokeToken` takes).
+    fn token_and_id(
+        &self,
+        subject: &str,
+        kind: PrincipalKind,
+        groups: &[&str],
+        ttl: Duration,
+    ) -> (String, String) {
+        let (token, claims) = self
+            .authz
             .core
             .issuer
             .issue(&TokenRequest {
                 subject: subject.into(),
-                kind: PrincipalKind::Agent,
+                kind,
                 groups: groups.iter().map(|g| g.to_string()).collect(),
                 audience: Vec::new(),
                 ttl,
             })
-            .unwrap()
-            .0
+            .unwrap();
+        (token, claims.jti)
     }
 
     /// Signs the agent key through authz's SignSshCertificate (what `agentgate ssh cert`
@@ -385,7 +410,7 @@ impl Stack {
     /// the returned guard drops. Returns the socket and the key's SHA-256 fingerprint.
     /// (ssh forwards an agent only if it can reach one itself: pass `IdentityAgent=SOCK`
     /// before [`Self::cert_options`], whose `IdentityAgent=none` would switch it off.)
-    fn ssh_agent(&self) -> (AgentGuard, PathBuf, String) {
+    fn ssh_agent(&self) -> (ChildGuard, PathBuf, String) {
         let sock = self.dir.path().join("agent.sock");
         let _ = std::fs::remove_file(&sock);
         let child = Command::new("ssh-agent")
@@ -396,7 +421,7 @@ impl Stack {
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
-        let guard = AgentGuard(child);
+        let guard = ChildGuard(child);
         let deadline = Instant::now() + Duration::from_secs(10);
         while !sock.exists() {
             assert!(Instant::now() < deadline, "ssh-agent did not start");
@@ -454,6 +479,19 @@ impl Stack {
             .unwrap()
     }
 
+    /// `ssh -tt` with the certificate as `user`, on a pty driven by `steps` (Python, after
+    /// [`PTY_PRELUDE`]).
+    fn pty_ssh(&self, cert: &Path, user: &str, steps: &str) -> Command {
+        let mut c = Command::new("python3");
+        c.arg("-c")
+            .arg(format!("{PTY_PRELUDE}{steps}"))
+            .args(["ssh", "-tt"])
+            .args(self.cert_options(cert))
+            .args(["-p", &self.port(), &format!("{user}@127.0.0.1")])
+            .stdin(Stdio::null());
+        c
+    }
+
     fn port(&self) -> String {
         self.proxy.addr.port().to_string()
     }
@@ -467,28 +505,108 @@ impl Stack {
             .unwrap()
     }
 
-    async fn review_pending(&self, expect_text: &str, verdict: Verdict) -> String {
-        let token = self
-            .authz
-            .core
-            .issuer
-            .issue(&TokenRequest {
-                subject: "human:sam".into(),
-                kind: PrincipalKind::Human,
-                groups: vec!["sre".into()],
-                audience: Vec::new(),
-                ttl: Duration::from_secs(600),
-            })
+    /// A token of human:sam, in group sre (the reviewers of the policy's approvals).
+    fn reviewer(&self) -> String {
+        self.token_and_id(
+            "human:sam",
+            PrincipalKind::Human,
+            &["sre"],
+            Duration::from_secs(600),
+        )
+        .0
+    }
+
+    /// A token of an authz administrator.
+    fn admin(&self) -> String {
+        self.token_and_id(
+            "human:admin",
+            PrincipalKind::Human,
+            &["admin"],
+            Duration::from_secs(600),
+        )
+        .0
+    }
+
+    async fn authz_client(&self) -> AuthzClient<tonic::transport::Channel> {
+        AuthzClient::connect(format!("http://{}", self.authz.addr))
+            .await
             .unwrap()
-            .0;
+    }
+
+    async fn review_pending(&self, expect_text: &str, verdict: Verdict) -> String {
         agentgate_integration_tests::control_plane::review_pending(
             &format!("http://{}", self.approvals.addr),
-            &token,
+            &self.reviewer(),
             expect_text,
             verdict,
         )
         .await
         .unwrap()
+    }
+
+    /// Waits (up to 20 s) until the recording of a session of `principal` holds output
+    /// containing `text` — the command is running — and returns the events stored so far.
+    async fn recorded_output(&self, principal: &str, text: &str) -> Vec<AuditEvent> {
+        for _ in 0..200 {
+            let events = self.events_of(principal, "session.terminal").await;
+            let seen = events.iter().any(|e| match &e.detail {
+                Some(Detail::Terminal(t)) => {
+                    t.code == "o" && String::from_utf8_lossy(&t.data).contains(text)
+                }
+                _ => false,
+            });
+            if seen {
+                return events;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("no output {text:?} recorded for {principal}");
+    }
+
+    /// Restarts the host's sshd (same configuration, port and keys) logging at DEBUG3 into
+    /// the returned file, to see what the host did with the requests the proxy relayed. The
+    /// new sshd is killed when the guard drops.
+    fn restart_sshd_with_debug_log(&mut self) -> (ChildGuard, PathBuf) {
+        self.sshd.kill_all();
+        let log = self.sshd.dir.join("sshd-debug.log");
+        let sshd = ["/usr/sbin/sshd", "/usr/bin/sshd"]
+            .into_iter()
+            .find(|p| Path::new(p).exists())
+            .unwrap();
+        let child = Command::new(sshd)
+            .args(["-D", "-o", "LogLevel=DEBUG3", "-E"])
+            .arg(&log)
+            .arg("-f")
+            .arg(self.sshd.dir.join("sshd_config"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let guard = ChildGuard(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(("127.0.0.1", self.sshd.port)).is_err() {
+            assert!(Instant::now() < deadline, "sshd did not restart");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        (guard, log)
+    }
+
+    /// An agent's SSH client that is not OpenSSH (russh), for what OpenSSH cannot send:
+    /// logged in to the proxy as `user` with `token` as the password, the gateway's host key
+    /// checked.
+    async fn russh_agent(&self, user: &str, token: &str) -> russh::client::Handle<GatewayKey> {
+        let key = russh::keys::PublicKey::from_openssh(&self.proxy.host_public_key).unwrap();
+        let mut handle = russh::client::connect(
+            std::sync::Arc::new(russh::client::Config::default()),
+            self.proxy.addr,
+            GatewayKey(key),
+        )
+        .await
+        .unwrap();
+        let auth = handle.authenticate_password(user, token).await.unwrap();
+        assert!(auth.success(), "the proxy refused the token");
+        handle
     }
 
     /// Every event the store holds for the sessions of `principal` (waits until one of
@@ -529,14 +647,94 @@ impl Stack {
     }
 }
 
-/// Kills the test's ssh-agent.
-struct AgentGuard(std::process::Child);
+/// Kills a process the test started (an ssh-agent, a second sshd) when dropped.
+struct ChildGuard(std::process::Child);
 
-impl Drop for AgentGuard {
+impl Drop for ChildGuard {
     fn drop(&mut self) {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
+}
+
+/// The russh agent's check of the gateway's host key.
+struct GatewayKey(russh::keys::PublicKey);
+
+impl russh::client::Handler for GatewayKey {
+    type Error = russh::Error;
+
+    async fn check_server_key(
+        &mut self,
+        key: &russh::keys::PublicKeyOrCertificate,
+    ) -> Result<bool, Self::Error> {
+        Ok(match key {
+            russh::keys::PublicKeyOrCertificate::PublicKey { key, .. } => {
+                key.key_data() == self.0.key_data()
+            }
+            russh::keys::PublicKeyOrCertificate::Certificate(_) => false,
+        })
+    }
+}
+
+/// Reads `channel` (its stdout into `out`, its other messages into `msgs`) until
+/// `done(out, msgs)` or the channel's end; fails after 60 s.
+async fn read_channel(
+    channel: &mut russh::Channel<russh::client::Msg>,
+    out: &mut Vec<u8>,
+    msgs: &mut Vec<russh::ChannelMsg>,
+    done: impl Fn(&[u8], &[russh::ChannelMsg]) -> bool,
+) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while !done(out, msgs) {
+        match tokio::time::timeout_at(deadline, channel.wait()).await {
+            Err(_) => panic!(
+                "the channel did not get there: stdout {:?}, messages {msgs:?}",
+                String::from_utf8_lossy(out)
+            ),
+            Ok(None) => return,
+            Ok(Some(russh::ChannelMsg::Data { data })) => out.extend_from_slice(&data),
+            Ok(Some(m)) => msgs.push(m),
+        }
+    }
+}
+
+/// The exit-status and exit-signal messages among `msgs`.
+fn exits(msgs: &[russh::ChannelMsg]) -> Vec<&russh::ChannelMsg> {
+    msgs.iter()
+        .filter(|m| {
+            matches!(
+                m,
+                russh::ChannelMsg::ExitSignal { .. } | russh::ChannelMsg::ExitStatus { .. }
+            )
+        })
+        .collect()
+}
+
+/// The pid a command printed as a whole line `pid=N`.
+fn printed_pid(out: &[u8]) -> Option<i32> {
+    String::from_utf8_lossy(out)
+        .split_inclusive('\n')
+        .filter(|l| l.ends_with('\n'))
+        .find_map(|l| l.trim().strip_prefix("pid=")?.parse().ok())
+}
+
+/// Waits (up to 30 s) for the next line of sshd's debug log containing `what` after the
+/// `seen` such lines already looked at, and returns it.
+async fn next_log_line(log: &Path, what: &str, seen: &mut usize) -> String {
+    for _ in 0..300 {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        // Whole lines only: sshd may be writing the last one.
+        let lines: Vec<&str> = text
+            .split_inclusive('\n')
+            .filter(|l| l.ends_with('\n') && l.contains(what))
+            .collect();
+        if let Some(line) = lines.get(*seen) {
+            *seen += 1;
+            return line.trim().to_owned();
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("sshd logged no further {what:?} line");
 }
 
 fn bearer<T>(token: &str, message: T) -> tonic::Request<T> {
@@ -695,6 +893,148 @@ async fn exec_keeps_stdout_stderr_and_exit_status_and_masks_output() {
     }
 }
 
+/// Sends `sig` on the agent's `channel`, whose command runs as `pid` on the host, and checks
+/// in the host's sshd log (`seen`: the lines already read) what sshd did with the request
+/// the proxy relayed. Where sshd refused it because the login is root (see
+/// [`signals_reach_the_host_and_the_exit_comes_back_faithfully`]), the process must still run
+/// and the test delivers the same signal to it, as sshd would have.
+async fn signal_through_the_proxy(
+    channel: &russh::Channel<russh::client::Msg>,
+    sig: russh::Sig,
+    pid: i32,
+    log: &Path,
+    seen: &mut usize,
+) {
+    use nix::sys::signal::{Signal, kill};
+    use nix::unistd::Pid;
+    let name = format!("{sig:?}");
+    let signal: Signal = format!("SIG{name}").parse().unwrap();
+    channel.signal(sig).await.unwrap();
+    let line = next_log_line(log, "session_signal_req", seen).await;
+    if line.contains("killpg(") {
+        // sshd signalled the command's process group itself.
+        assert!(
+            line.contains(&format!("signal {name}, killpg({pid}, {})", signal as i32)),
+            "{line}"
+        );
+    } else {
+        // The request reached the session, and sshd refused it for a root login only.
+        assert!(
+            line.contains("session signalling requires privilege separation"),
+            "{line}"
+        );
+        kill(Pid::from_raw(pid), None).expect("sshd refused the signal, yet the command ended");
+        kill(Pid::from_raw(pid), signal).unwrap();
+    }
+}
+
+/// OpenSSH's client cannot send `signal` requests, so the agent here is a russh client.
+///
+/// Debian 12's sshd (OpenSSH 9.2) honours a `signal` request on an exec or shell session by
+/// signalling the command's process group (`session_signal_req: signal INT, killpg(…)`),
+/// except for subsystems and forced commands, and except when the login is root: a root
+/// session runs inside sshd's privileged monitor, and sshd refuses every signal request on it
+/// ("session signalling requires privilege separation"; checked by hand: the same exec and
+/// shell sessions as a non-root user are signalled). The test's sshd logs in as the user
+/// running the tests, which is root in the development container, so sshd is restarted here
+/// logging at DEBUG3 and the test reads what it did with each request the proxy relayed.
+/// Signalled: the exit comes back by itself. Refused as root: the test checks the command
+/// still runs and delivers the same signal itself, so the way back — exit-signal, exit status
+/// — is tested either way. An unknown signal name shows that the name reaches sshd verbatim
+/// (sshd names it in its refusal, root or not).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn signals_reach_the_host_and_the_exit_comes_back_faithfully() {
+    let mut s = Stack::start().await;
+    let (_sshd, log) = s.restart_sshd_with_debug_log();
+    let token = s.token("agent:signals", &["agents"], Duration::from_secs(600));
+    let agent = s.russh_agent("ops+web1", &token).await;
+    let mut seen = 0;
+    let closed =
+        |_: &[u8], m: &[russh::ChannelMsg]| m.iter().any(|m| matches!(m, russh::ChannelMsg::Close));
+
+    // INT to a running `sleep`: it dies of it, and the agent gets exit-signal INT.
+    let mut channel = agent.channel_open_session().await.unwrap();
+    channel
+        .exec(true, "echo pid=$$; exec sleep 30")
+        .await
+        .unwrap();
+    let (mut out, mut msgs) = (Vec::new(), Vec::new());
+    read_channel(&mut channel, &mut out, &mut msgs, |o, _| {
+        printed_pid(o).is_some()
+    })
+    .await;
+    let pid = printed_pid(&out).unwrap();
+    channel
+        .signal(russh::Sig::Custom("AGENTGATE-TEST".into()))
+        .await
+        .unwrap();
+    let line = next_log_line(&log, "session_signal_req", &mut seen).await;
+    assert!(
+        line.contains("unsupported signal \"AGENTGATE-TEST\""),
+        "{line}"
+    );
+    signal_through_the_proxy(&channel, russh::Sig::INT, pid, &log, &mut seen).await;
+    read_channel(&mut channel, &mut out, &mut msgs, closed).await;
+    assert_eq!(String::from_utf8_lossy(&out), format!("pid={pid}\n"));
+    assert!(
+        matches!(
+            exits(&msgs)[..],
+            [russh::ChannelMsg::ExitSignal {
+                signal_name: russh::Sig::INT,
+                core_dumped: false,
+                ..
+            }]
+        ),
+        "{msgs:?}"
+    );
+
+    // TERM to a shell that traps it: its own exit status comes back, not a signal.
+    let mut channel = agent.channel_open_session().await.unwrap();
+    channel
+        .exec(
+            true,
+            "trap 'kill $! 2>/dev/null; echo trapped-TERM; exit 7' TERM; echo pid=$$; \
+             sleep 30 </dev/null >/dev/null 2>&1 & wait",
+        )
+        .await
+        .unwrap();
+    let (mut out, mut msgs) = (Vec::new(), Vec::new());
+    read_channel(&mut channel, &mut out, &mut msgs, |o, _| {
+        printed_pid(o).is_some()
+    })
+    .await;
+    let pid = printed_pid(&out).unwrap();
+    signal_through_the_proxy(&channel, russh::Sig::TERM, pid, &log, &mut seen).await;
+    read_channel(&mut channel, &mut out, &mut msgs, closed).await;
+    assert_eq!(
+        String::from_utf8_lossy(&out),
+        format!("pid={pid}\ntrapped-TERM\n")
+    );
+    assert!(
+        matches!(
+            exits(&msgs)[..],
+            [russh::ChannelMsg::ExitStatus { exit_status: 7 }]
+        ),
+        "{msgs:?}"
+    );
+
+    agent
+        .disconnect(russh::Disconnect::ByApplication, "", "")
+        .await
+        .unwrap();
+    let events = s.events_of("agent:signals", "session.end").await;
+    let ops = operations(&events, "session.command");
+    let status = |text: &str| {
+        ops.iter()
+            .find(|o| o.operation.as_ref().unwrap().text.contains(text))
+            .unwrap_or_else(|| panic!("no operation {text:?}: {ops:?}"))
+            .status
+            .clone()
+    };
+    assert_eq!(status("exec sleep 30"), "signal INT");
+    assert_eq!(status("trapped-TERM"), "7");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn logins_with_certificate_registered_key_and_token_and_refusals() {
     let s = Stack::start().await;
@@ -815,8 +1155,10 @@ async fn logins_with_certificate_registered_key_and_token_and_refusals() {
     );
 }
 
-/// Drives `ssh -tt` through a real pty (Python's pty module), resizes it, types lines.
-const PTY_DRIVER: &str = r#"
+/// Runs the command in its arguments (`ssh -tt …`) on a real pty (Python's pty module) for
+/// the steps appended to it, which use `setsize`, `pump`, `read_until`, `send` and `finish`
+/// (exits the shell and prints the whole terminal output and the exit status).
+const PTY_PRELUDE: &str = r#"
 import os, sys, time, select, fcntl, termios, struct, signal, subprocess
 master, slave = os.openpty()
 def setsize(rows, cols):
@@ -849,10 +1191,23 @@ def read_until(token, timeout=30):
             sys.exit(3)
 def send(s):
     os.write(master, s)
+def finish():
+    send(b"exit\r")
+    end = time.time() + 20
+    while p.poll() is None and time.time() < end:
+        pump(0.1)
+    while pump(0.1):
+        pass
+    sys.stdout.write(buf.decode(errors='replace'))
+    sys.stdout.write('\nEXIT %s\n' % p.returncode)
 # Let the shell start (there may be no output before its prompt).
 end = time.time() + 1.5
 while time.time() < end:
     pump(0.1)
+"#;
+
+/// Resizes the terminal, types lines (one the policy refuses).
+const PTY_RESIZE_AND_REFUSE: &str = r#"
 send(b"stty size; echo M1-$((6*7))\r")
 read_until(b'M1-42')
 setsize(50, 132)
@@ -867,14 +1222,7 @@ read_until(b'agentgate: refused')
 time.sleep(0.5)
 send(b"echo M5-$((6*7))\r")
 read_until(b'M5-42')
-send(b"exit\r")
-end = time.time() + 20
-while p.poll() is None and time.time() < end:
-    pump(0.1)
-while pump(0.1):
-    pass
-sys.stdout.write(buf.decode(errors='replace'))
-sys.stdout.write('\nEXIT %s\n' % p.returncode)
+finish()
 "#;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -882,16 +1230,8 @@ async fn interactive_shell_through_a_pty_with_resize_line_decisions_and_recordin
     let s = Stack::start().await;
     let token = s.token("agent:shell", &["agents"], Duration::from_secs(600));
     let cert = s.certify(&token, Duration::from_secs(600)).await;
-    let mut args = vec![
-        "python3".to_string(),
-        "-c".into(),
-        PTY_DRIVER.into(),
-        "ssh".into(),
-        "-tt".into(),
-    ];
-    args.extend(s.cert_options(&cert));
-    args.extend(["-p".into(), s.port(), "read+web1@127.0.0.1".into()]);
-    let out = blocking(move || Command::new(&args[0]).args(&args[1..]).output().unwrap()).await;
+    let mut c = s.pty_ssh(&cert, "read+web1", PTY_RESIZE_AND_REFUSE);
+    let out = blocking(move || c.output().unwrap()).await;
     let text = stdout(&out);
     assert!(out.status.success(), "{text}\n{}", stderr(&out));
     // The pty size of pty-req reached the host, and so did the resize.
@@ -950,6 +1290,121 @@ async fn interactive_shell_through_a_pty_with_resize_line_decisions_and_recordin
     );
     assert!(casts[0].1.contains("132x50"));
     assert!(!casts[0].1.contains("AKIAIOSFODNN7EXAMPLE"));
+}
+
+/// Types a line the policy sends to approval (role ops, a destructive line); once the
+/// waiting message is on the terminal, types the next line ahead (T1) and marks (FLAG) that
+/// it waits; then waits for both lines' output once approved, and goes on with the shell.
+const PTY_HELD_LINE: &str = r#"
+send(b"rm -rf /opt/agentgate-test-nothing; touch MARKER; echo H1-$((6*7))\r")
+read_until(b'needs approval')
+send(b"echo T1-$((6*7))\r")
+time.sleep(0.5)
+open('FLAG', 'w').close()
+read_until(b'H1-42', 120)
+read_until(b'T1-42')
+send(b"echo H2-$((6*7))\r")
+read_until(b'H2-42')
+finish()
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shell_line_that_needs_approval_is_held_until_approved() {
+    let s = Stack::start().await;
+    let token = s.token("agent:shellhold", &["agents"], Duration::from_secs(600));
+    let cert = s.certify(&token, Duration::from_secs(600)).await;
+    let marker = s.dir.path().join("held-line-ran");
+    let waiting = s.dir.path().join("agent-sees-the-wait");
+    let steps = PTY_HELD_LINE
+        .replace("MARKER", &marker.display().to_string())
+        .replace("FLAG", &waiting.display().to_string());
+    let mut c = s.pty_ssh(&cert, "ops+web1", &steps);
+    let driver = tokio::task::spawn_blocking(move || c.output().unwrap());
+    // Until the agent's terminal shows that the line waits.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !waiting.exists() {
+        if driver.is_finished() || Instant::now() > deadline {
+            let out = driver.await.unwrap();
+            panic!("no waiting message: {}\n{}", stdout(&out), stderr(&out));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Held: the line has not reached the host.
+    assert!(!marker.exists(), "the held line ran before approval");
+    let id = s
+        .review_pending("rm -rf /opt/agentgate-test-nothing", Verdict::Approve)
+        .await;
+    let out = driver.await.unwrap();
+    let text = stdout(&out);
+    assert!(out.status.success(), "{text}\n{}", stderr(&out));
+    assert!(marker.exists(), "the approved line did not run: {text}");
+    // The agent read the wait (naming the approval), then the approval, then the output.
+    let wait = text
+        .find("needs approval by a member of sre")
+        .unwrap_or_else(|| panic!("{text}"));
+    let approved = text
+        .find(&format!("approved by human:sam (approval {id})"))
+        .unwrap_or_else(|| panic!("{text}"));
+    let ran = text.find("H1-42").unwrap();
+    assert!(text[wait..approved].contains(&id), "{text}");
+    assert!(wait < approved && approved < ran, "{text}");
+    // The line typed while the first one waited runs after it; the shell goes on.
+    let typed_ahead = text.find("T1-42").unwrap();
+    assert!(ran < typed_ahead, "{text}");
+    assert!(text.contains("H2-42"), "{text}");
+
+    let events = s.events_of("agent:shellhold", "session.end").await;
+    let line = operations(&events, "session.command")
+        .into_iter()
+        .find(|o| {
+            let op = o.operation.as_ref().unwrap();
+            op.action == "shell.line" && op.text.contains("rm -rf /opt/agentgate-test-nothing")
+        })
+        .unwrap();
+    assert_eq!(line.approval_id, id);
+    assert_eq!(line.status, "sent");
+    assert_eq!(
+        line.decision,
+        agentgate_proto::common::v1::Decision::Allow as i32
+    );
+    // The line typed ahead went through the line discipline and a decision of its own.
+    assert!(
+        operations(&events, "session.command").iter().any(|o| {
+            let op = o.operation.as_ref().unwrap();
+            op.action == "shell.line" && op.text == "echo T1-$((6*7))" && o.status == "sent"
+        }),
+        "{:?}",
+        operations(&events, "session.command")
+    );
+    // The recording holds the hold and then the decision, as markers.
+    let markers: Vec<String> = events
+        .iter()
+        .filter_map(|e| match &e.detail {
+            Some(Detail::Terminal(t)) if t.code == "m" => {
+                Some(String::from_utf8_lossy(&t.data).into_owned())
+            }
+            _ => None,
+        })
+        .collect();
+    let held = markers
+        .iter()
+        .position(|m| m.starts_with("held: ") && m.contains(&id))
+        .unwrap_or_else(|| panic!("{markers:?}"));
+    let allowed = markers
+        .iter()
+        .position(|m| m.starts_with("allowed: rm -rf /opt/agentgate-test-nothing"))
+        .unwrap_or_else(|| panic!("{markers:?}"));
+    assert!(held < allowed, "{markers:?}");
+    let chunks = events.iter().filter_map(|e| match &e.detail {
+        Some(Detail::Terminal(t)) => Some((
+            e.attributes.get("channel").cloned().unwrap_or_default(),
+            t.clone(),
+        )),
+        _ => None,
+    });
+    let casts = agentgate_ssh_proxy::cast::asciicast(chunks);
+    assert_eq!(casts.len(), 1);
+    agentgate_ssh_proxy::cast::validate_asciicast(&casts[0].1).unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1266,22 +1721,8 @@ async fn expiry_killed_host_and_vanished_client_end_the_session_cleanly() {
         .spawn()
         .unwrap();
     // The recording reaches the store while the command still runs, not at its end.
-    let mut streamed = false;
-    for _ in 0..100 {
-        let events = s.events_of("agent:vanish", "session.terminal").await;
-        streamed = events.iter().any(|e| match &e.detail {
-            Some(Detail::Terminal(t)) => {
-                t.code == "o" && String::from_utf8_lossy(&t.data).contains("started-42")
-            }
-            _ => false,
-        });
-        if streamed {
-            assert!(!events.iter().any(|e| e.kind == "session.end"));
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert!(streamed, "no output recorded while the command ran");
+    let events = s.recorded_output("agent:vanish", "started-42").await;
+    assert!(!events.iter().any(|e| e.kind == "session.end"));
     child.kill().unwrap();
     let _ = child.wait();
     let events = s.events_of("agent:vanish", "session.end").await;
@@ -1321,6 +1762,166 @@ async fn expiry_killed_host_and_vanished_client_end_the_session_cleanly() {
         Some(Detail::SessionEnded(e)) => assert!(e.reason.contains("upstream"), "{e:?}"),
         other => panic!("{other:?}"),
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoking_the_grant_or_the_token_ends_a_live_session_at_once() {
+    let s = Stack::start().await;
+    let mut authz = s.authz_client().await;
+    const COMMAND: &str = "echo started-$((40+2)); sleep 30; echo survived";
+
+    // A just-in-time grant: the agent asks for role jit, a member of sre approves.
+    let token = s.token("agent:jit", &["agents"], Duration::from_secs(600));
+    let asked = authz
+        .request_access(bearer(
+            &token,
+            RequestAccessRequest {
+                connection: "web1".into(),
+                role: "jit".into(),
+                duration: Some(prost_types::Duration {
+                    seconds: 1800,
+                    nanos: 0,
+                }),
+                reason: "deploy 42".into(),
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    ApprovalsClient::connect(format!("http://{}", s.approvals.addr))
+        .await
+        .unwrap()
+        .review(bearer(
+            &s.reviewer(),
+            ReviewRequest {
+                id: asked.approval_id.clone(),
+                verdict: Verdict::Approve as i32,
+                comment: "go".into(),
+            },
+        ))
+        .await
+        .unwrap();
+    let mut grant = None;
+    for _ in 0..200 {
+        grant = authz
+            .list_grants(bearer(
+                &token,
+                ListGrantsRequest {
+                    connection: "web1".into(),
+                    ..Default::default()
+                },
+            ))
+            .await
+            .unwrap()
+            .into_inner()
+            .grants
+            .into_iter()
+            .find(|g| g.role == "jit");
+        if grant.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let grant = grant.expect("no grant after the approval");
+
+    // A live session on the grant; the grant is revoked while its command runs.
+    let mut c = s.token_command("ssh", &token);
+    c.args(["-p", &s.port(), "jit+web1@127.0.0.1", COMMAND]);
+    let session = tokio::task::spawn_blocking(move || c.output().unwrap());
+    s.recorded_output("agent:jit", "started-42").await;
+    let revoked_at = Instant::now();
+    let revoked = authz
+        .revoke_grant(bearer(
+            &s.admin(),
+            RevokeGrantRequest {
+                grant_id: grant.id.clone(),
+                reason: "incident 7".into(),
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(revoked.sessions_ended, 1);
+    let out = session.await.unwrap();
+    // Ends within about a second (5 s of slack on a loaded machine), not after 30 s.
+    let took = revoked_at.elapsed();
+    assert!(
+        took < Duration::from_secs(5),
+        "ended {took:?} after the revocation"
+    );
+    assert_ne!(out.status.code(), Some(0));
+    assert!(!stdout(&out).contains("survived"));
+    assert!(
+        stderr(&out).contains("your access was revoked") && stderr(&out).contains("incident 7"),
+        "{}",
+        stderr(&out)
+    );
+    let events = s.events_of("agent:jit", "session.end").await;
+    let end = events.iter().find(|e| e.kind == "session.end").unwrap();
+    match &end.detail {
+        Some(Detail::SessionEnded(e)) => {
+            assert!(e.reason.contains("revoked: incident 7"), "{e:?}")
+        }
+        other => panic!("{other:?}"),
+    }
+    // Without the grant, the next login is told to ask for access again.
+    let out = s
+        .token_command("ssh", &token)
+        .args(["-p", &s.port(), "jit+web1@127.0.0.1", "echo again"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(!stdout(&out).contains("again"));
+    assert!(
+        stderr(&out).contains("agentgate access request"),
+        "{}",
+        stderr(&out)
+    );
+
+    // The token a certificate was signed for is revoked: the session the certificate opened
+    // ends, and the certificate is refused from then on.
+    let (token, token_id) = s.token_and_id(
+        "agent:certrevoked",
+        PrincipalKind::Agent,
+        &["agents"],
+        Duration::from_secs(600),
+    );
+    let cert = s.certify(&token, Duration::from_secs(600)).await;
+    let mut c = Command::new("ssh");
+    c.args(s.cert_options(&cert))
+        .args(["-p", &s.port(), "ops+web1@127.0.0.1", COMMAND])
+        .stdin(Stdio::null());
+    let session = tokio::task::spawn_blocking(move || c.output().unwrap());
+    s.recorded_output("agent:certrevoked", "started-42").await;
+    let revoked_at = Instant::now();
+    let revoked = authz
+        .revoke_token(bearer(
+            &s.admin(),
+            RevokeTokenRequest {
+                token_id,
+                reason: "leaked".into(),
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(revoked.sessions_ended, 1);
+    let out = session.await.unwrap();
+    let took = revoked_at.elapsed();
+    assert!(
+        took < Duration::from_secs(5),
+        "ended {took:?} after the revocation"
+    );
+    assert_ne!(out.status.code(), Some(0));
+    assert!(!stdout(&out).contains("survived"));
+    assert!(
+        stderr(&out).contains("your credential was revoked") && stderr(&out).contains("leaked"),
+        "{}",
+        stderr(&out)
+    );
+    let out = s.ssh(&cert, "ops+web1", "echo again");
+    assert_eq!(out.status.code(), Some(255), "{}", stderr(&out));
+    assert!(!stdout(&out).contains("again"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

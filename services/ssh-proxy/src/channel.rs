@@ -238,21 +238,14 @@ impl In {
             ChannelMsg::RequestSubsystem { name, .. } if self.mode == Mode::Idle => {
                 return self.subsystem(name, agent_rx, out).await;
             }
-            ChannelMsg::Data { data } => return self.data(data, agent_rx).await,
+            ChannelMsg::Data { data } => {
+                return self.data(data, agent_rx).await && self.release_kept_input(agent_rx).await;
+            }
             ChannelMsg::Eof => {
                 if self.mode == Mode::Idle {
                     self.early_eof = true;
                 } else {
-                    if self.mode == Mode::Shell && !self.lines.is_empty() {
-                        // A last line without a newline: submit what is held.
-                        let held = self.lines.feed(b"\n");
-                        for f in held {
-                            if !self.feed(f, agent_rx).await {
-                                return false;
-                            }
-                        }
-                    }
-                    let _ = self.up.eof().await;
+                    return self.agent_eof(agent_rx).await;
                 }
             }
             ChannelMsg::Close => return false,
@@ -475,15 +468,42 @@ impl In {
         let _ = self.up.request_shell(false).await;
         self.start_out(out, event, true);
         // Input typed before the shell started goes through the line discipline too.
-        let early = std::mem::take(&mut self.early);
-        for data in early {
-            if !self.data(data, agent_rx).await {
-                return false;
+        self.release_kept_input(agent_rx).await
+    }
+
+    /// In a shell, the input the agent sent while the shell or a line waited for approval
+    /// (kept by [`Self::hold`]), once that is decided: through the line discipline like any
+    /// input, after the held line, so its own lines are decided in turn (and may be held
+    /// again).
+    async fn release_kept_input(&mut self, agent_rx: &mut ChannelReadHalf) -> bool {
+        if self.mode != Mode::Shell {
+            return true;
+        }
+        while !self.early.is_empty() {
+            for data in std::mem::take(&mut self.early) {
+                if !self.data(data, agent_rx).await {
+                    return false;
+                }
             }
         }
         if std::mem::take(&mut self.early_eof) {
-            let _ = self.up.eof().await;
+            return self.agent_eof(agent_rx).await;
         }
+        true
+    }
+
+    /// The agent's end of input, once the command runs. In a shell, a last line without a
+    /// newline is submitted (and decided) first.
+    async fn agent_eof(&mut self, agent_rx: &mut ChannelReadHalf) -> bool {
+        if self.mode == Mode::Shell && !self.lines.is_empty() {
+            let held = self.lines.feed(b"\n");
+            for f in held {
+                if !self.feed(f, agent_rx).await {
+                    return false;
+                }
+            }
+        }
+        let _ = self.up.eof().await;
         true
     }
 
