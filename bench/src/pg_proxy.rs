@@ -5,8 +5,9 @@
 //! creates a login role `bench` owning database `bench` and initialises it with
 //! `pgbench -i -s <scale>`; starts pgbouncer (`pool_mode = session`, SCRAM for clients and
 //! for the server; as the `postgres` user under root, since pgbouncer refuses to run as
-//! root); and starts agentgate in this process as `agentgate up` would: the audit store
-//! (Postgres backend by default, on a second private cluster), authz with connection
+//! root); and starts agentgate as a deployment runs it: the audit store as its own process
+//! (`agentgate-audit-store`, Postgres backend by default, on a second private cluster; both
+//! at `--audit-nice`, see below), and in this process authz with connection
 //! `benchdb` and a Cedar policy that lets group `agents` connect as role `read`, allows every
 //! statement and carries masking rules (a column rule on `public.pgbench_accounts.filler`
 //! and the `email` detector), approvals, and pg-proxy with its recorder. Every statement
@@ -19,7 +20,14 @@
 //! alike) and prints TPS, the ratios, and the latency each middle layer adds per query
 //! (pgbench's average latency minus the direct one). For the two middle layers it also
 //! prints the CPU time they used per query (pgbouncer's process; this whole process for
-//! agentgate, which holds the proxy, authz, approvals, the recorder and the audit store).
+//! agentgate, which holds the proxy, authz, approvals and the recorder; and the audit store's
+//! process on its own).
+//!
+//! In a deployment the audit store and its database run on other machines than the proxy;
+//! here all share two cores. `--audit-nice 10` (the default) runs the store and its cluster
+//! at a lower priority, standing in for that: they take the CPU the data path leaves, and
+//! catch up after the run (the last column says when). `--audit-nice 0` makes them compete
+//! with the data path as equals.
 //!
 //! Recording ships behind the statements (spool, then batches to the audit store), so after
 //! each pg-proxy run the bench waits until the audit store holds every statement sent through
@@ -27,7 +35,8 @@
 //! pays for shipping an earlier one's events. pg-proxy's CPU per query counts until then, so
 //! it is the whole cost of a query: relay, classification, policy, masking and recording.
 //!
-//! `cargo run --release -p agentgate-bench --bin pg-proxy -- --duration 10`
+//! `cargo build --release -p agentgate-audit-store -p agentgate-bench &&
+//! target/release/pg-proxy --duration 10`
 
 use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
@@ -35,8 +44,8 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use agentgate_authz::{AuthzConfig, ConnectionConfig, RunningAuthz, UpstreamConfig};
-use agentgate_identity::{LateAuthenticator, TokenRequest};
-use agentgate_integration_tests::{AuditStoreFixture, Backend, Postgres, free_port};
+use agentgate_identity::TokenRequest;
+use agentgate_integration_tests::{Postgres, free_port};
 use agentgate_proto::common::v1::PrincipalKind;
 use anyhow::{Context as _, bail, ensure};
 use clap::{Parser, ValueEnum};
@@ -120,6 +129,10 @@ struct Args {
     /// The audit store's database.
     #[arg(long, value_enum, default_value = "postgres")]
     audit_backend: AuditBackend,
+    /// Niceness of the audit store's process and its database cluster (0: the same
+    /// priority as the data path; see the module documentation).
+    #[arg(long, default_value_t = 10)]
+    audit_nice: i32,
     /// The pgbouncer executable.
     #[arg(long, default_value = "pgbouncer")]
     pgbouncer: String,
@@ -171,6 +184,8 @@ struct Run {
     /// CPU seconds of the middle layer during the run, when known (for pg-proxy, until the
     /// audit store has caught up: recording's whole cost).
     cpu: Option<f64>,
+    /// pg-proxy: CPU seconds of the audit store's process over the same time.
+    store_cpu: Option<f64>,
     /// pg-proxy: seconds after pgbench ended until the audit store held every statement.
     catch_up: Option<f64>,
 }
@@ -272,6 +287,7 @@ async fn main() -> anyhow::Result<()> {
             TargetKind::PgProxy => process_cpu(std::process::id()),
         }
     };
+    let store_cpu = || process_cpu(stack.audit.child.id());
 
     let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
     eprintln!("load average before: {}", load.trim());
@@ -300,6 +316,7 @@ async fn main() -> anyhow::Result<()> {
                 for (i, &t) in args.targets.iter().enumerate() {
                     let Some(e) = endpoint(t) else { continue };
                     let cpu_before = cpu_of(t);
+                    let store_before = store_cpu();
                     let mut run = pgbench(e, mode, clients, args.duration).await?;
                     if t == TargetKind::PgProxy {
                         // Recording ships behind the statements: the next run starts only
@@ -311,8 +328,14 @@ async fn main() -> anyhow::Result<()> {
                         (Some(a), Some(b)) => Some(b - a),
                         _ => None,
                     };
+                    if t == TargetKind::PgProxy {
+                        run.store_cpu = match (store_before, store_cpu()) {
+                            (Some(a), Some(b)) => Some(b - a),
+                            _ => None,
+                        };
+                    }
                     eprintln!(
-                        "-M {:<8} -c {:>2}  {:<9}  {:>9.0} tps  {:.3} ms{}{}",
+                        "-M {:<8} -c {:>2}  {:<9}  {:>9.0} tps  {:.3} ms{}{}{}",
                         mode.name(),
                         clients,
                         t.name(),
@@ -321,6 +344,12 @@ async fn main() -> anyhow::Result<()> {
                         run.cpu
                             .map(|c| format!(
                                 "  {:.1} µs CPU/query",
+                                c * 1e6 / run.transactions.max(1) as f64
+                            ))
+                            .unwrap_or_default(),
+                        run.store_cpu
+                            .map(|c| format!(
+                                "  audit store {:.1} µs CPU/query",
                                 c * 1e6 / run.transactions.max(1) as f64
                             ))
                             .unwrap_or_default(),
@@ -349,8 +378,8 @@ async fn main() -> anyhow::Result<()> {
     println!();
     if args.targets.contains(&TargetKind::PgProxy) {
         println!(
-            "Audit store ({:?}): {stored} session.query events stored for {proxy_statements} statements sent through pg-proxy (warm-up included).",
-            args.audit_backend
+            "Audit store ({:?}, nice {}): {stored} session.query events stored for {proxy_statements} statements sent through pg-proxy (warm-up included).",
+            args.audit_backend, args.audit_nice
         );
         ensure!(
             stored >= proxy_statements,
@@ -393,10 +422,10 @@ fn print_report(
     );
     println!();
     println!(
-        "| mode | clients | direct TPS | pgbouncer TPS | pg-proxy TPS | proxy/pgbouncer | proxy/direct | added latency pgbouncer (ms) | added latency pg-proxy (ms) | CPU/query pgbouncer (µs) | CPU/query agentgate (µs) | audit store caught up after (s) |"
+        "| mode | clients | direct TPS | pgbouncer TPS | pg-proxy TPS | proxy/pgbouncer | proxy/direct | added latency pgbouncer (ms) | added latency pg-proxy (ms) | CPU/query pgbouncer (µs) | CPU/query agentgate (µs) | CPU/query audit store (µs) | audit store caught up after (s) |"
     );
     println!(
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
     );
     for (mode, clients, runs) in rows {
         let get = |t: TargetKind| runs.iter().find(|(k, _)| *k == t).map(|(_, r)| *r);
@@ -422,12 +451,16 @@ fn print_report(
             Ok(x) if x >= 1.0 => format!("**{}**", ratio(p, b)),
             _ => ratio(p, b),
         };
+        let store = match p.and_then(|r| r.store_cpu.map(|c| (c, r.transactions))) {
+            Some((c, n)) if n > 0 => format!("{:.0}", c * 1e6 / n as f64),
+            _ => "–".into(),
+        };
         let caught_up = p
             .and_then(|r| r.catch_up)
             .map(|c| format!("{c:.1}"))
             .unwrap_or_else(|| "–".into());
         println!(
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             mode.name(),
             clients,
             tps(d),
@@ -439,6 +472,7 @@ fn print_report(
             added(p),
             cpu(b),
             cpu(p),
+            store,
             caught_up,
         );
     }
@@ -484,6 +518,7 @@ async fn pgbench(e: &Endpoint, mode: Mode, clients: usize, seconds: u64) -> anyh
         latency_ms,
         transactions,
         cpu: None,
+        store_cpu: None,
         catch_up: None,
     })
 }
@@ -697,10 +732,10 @@ fn group(x: f64) -> String {
 // ---------------------------------------------------------------------------------------
 // agentgate
 
-/// The audit store, authz, approvals and pg-proxy in this process, as `agentgate up` runs
-/// them.
+/// authz, approvals and pg-proxy in this process, as `agentgate up` runs them, and the audit
+/// store in its own.
 struct Stack {
-    audit: AuditStoreFixture,
+    audit: AuditProcess,
     authz: RunningAuthz,
     approvals: agentgate_approvals::RunningApprovals,
     proxy: agentgate_pg_proxy::RunningPgProxy,
@@ -717,16 +752,13 @@ impl Stack {
         password: &str,
         scratch: &Path,
     ) -> anyhow::Result<Stack> {
-        // The store checks tokens with authz's authenticator, set once authz runs.
-        let late = std::sync::Arc::new(LateAuthenticator::new("authz is starting"));
-        let backend = match args.audit_backend {
-            AuditBackend::Postgres => Backend::Postgres,
-            AuditBackend::Sqlite => Backend::Sqlite,
-        };
-        let audit = AuditStoreFixture::start_with(backend, 1000, late.clone()).await?;
         let dir = tempfile::Builder::new()
             .prefix("agentgate-stack-")
             .tempdir_in(scratch)?;
+        // authz first: the store verifies tokens with the public key authz writes. Until the
+        // store listens, authz's recorder keeps its events in its spool.
+        let audit_port = free_port()?;
+        let audit_endpoint = format!("http://127.0.0.1:{audit_port}");
         let policy = dir.path().join("policy.cedar");
         std::fs::write(&policy, POLICY)?;
         let secret = dir.path().join("bench.secret");
@@ -735,7 +767,7 @@ impl Stack {
         let config = AuthzConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], free_port()?)),
             policy: Some(policy),
-            audit_url: Some(audit.endpoint()),
+            audit_url: Some(audit_endpoint.clone()),
             approvals_url: Some(format!("http://127.0.0.1:{approvals_port}")),
             connections: vec![ConnectionConfig {
                 name: CONNECTION.into(),
@@ -757,12 +789,12 @@ impl Stack {
             ..Default::default()
         };
         let authz = agentgate_authz::start(&config, dir.path()).await?;
-        late.set(authz.authenticator());
+        let audit = AuditProcess::start(args, dir.path(), audit_port).await?;
         let approvals_config = agentgate_approvals::ApprovalsConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], approvals_port)),
             require_reason: false,
             audit: agentgate_approvals::config::AuditConfig {
-                endpoint: audit.endpoint(),
+                endpoint: audit_endpoint.clone(),
                 ..Default::default()
             },
             ..Default::default()
@@ -782,7 +814,7 @@ impl Stack {
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             authz_url: format!("http://{}", authz.addr),
             approvals_url: format!("http://127.0.0.1:{approvals_port}"),
-            audit_url: audit.endpoint(),
+            audit_url: audit_endpoint,
             service_token_file: Some(token_file),
             ..Default::default()
         };
@@ -878,7 +910,110 @@ impl Stack {
         self.proxy.shutdown().await;
         let _ = self.approvals.shutdown().await;
         let _ = self.authz.shutdown().await;
-        let mut audit = self.audit;
-        let _ = audit.stop().await;
+        drop(self.audit);
     }
+}
+
+/// The audit store as its own process (`agentgate-audit-store`, built next to this binary),
+/// on a private cluster of its own (or SQLite), both at `--audit-nice`.
+struct AuditProcess {
+    child: Child,
+    database_url: String,
+    _postgres: Option<Postgres>,
+    _dir: tempfile::TempDir,
+}
+
+impl AuditProcess {
+    async fn start(args: &Args, authz_dir: &Path, port: u16) -> anyhow::Result<AuditProcess> {
+        let exe = std::env::current_exe()?;
+        let bin = exe
+            .parent()
+            .map(|d| d.join("agentgate-audit-store"))
+            .filter(|p| p.exists())
+            .context("agentgate-audit-store is not built next to this binary: cargo build --release -p agentgate-audit-store")?;
+        let dir = tempfile::Builder::new()
+            .prefix("agentgate-audit-")
+            .tempdir()?;
+        let (database_url, postgres) = match args.audit_backend {
+            AuditBackend::Postgres => {
+                let pg = Postgres::start()?;
+                // Backends fork from the postmaster after this and inherit its priority.
+                renice(pg.postmaster_pid()?, args.audit_nice)?;
+                let url = pg.create_database("audit").await?;
+                (url, Some(pg))
+            }
+            AuditBackend::Sqlite => (
+                format!("sqlite://{}", dir.path().join("audit.db").display()),
+                None,
+            ),
+        };
+        let config = dir.path().join("audit-store.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "data_dir = {data:?}\n\n[audit_store]\nlisten = \"127.0.0.1:{port}\"\ndatabase_url = {database_url:?}\n\n[audit_store.auth]\npublic_keys = [{key:?}]\n",
+                data = dir.path().display().to_string(),
+                key = authz_dir
+                    .join(agentgate_authz::PUBLIC_KEY_FILE)
+                    .display()
+                    .to_string(),
+            ),
+        )?;
+        let log = std::fs::File::create(dir.path().join("audit-store.log"))?;
+        let mut child = Command::new("nice")
+            .args(["-n", &args.audit_nice.to_string()])
+            .arg(&bin)
+            .arg("--config")
+            .arg(&config)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .context("starting agentgate-audit-store")?;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if let Some(status) = child.try_wait()? {
+                let log =
+                    std::fs::read_to_string(dir.path().join("audit-store.log")).unwrap_or_default();
+                bail!("agentgate-audit-store exited ({status}): {log}");
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "agentgate-audit-store did not listen within 60 s"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Ok(AuditProcess {
+            child,
+            database_url,
+            _postgres: postgres,
+            _dir: dir,
+        })
+    }
+}
+
+impl Drop for AuditProcess {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Sets a process's niceness (`renice`).
+fn renice(pid: u32, nice: i32) -> anyhow::Result<()> {
+    let out = Command::new("renice")
+        .args(["-n", &nice.to_string(), "-p", &pid.to_string()])
+        .output()
+        .context("running renice")?;
+    check(&out, "renice")
 }

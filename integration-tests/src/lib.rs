@@ -148,6 +148,18 @@ impl Postgres {
         Ok(())
     }
 
+    /// The postmaster's process id (first line of `postmaster.pid`): benchmarks renice the
+    /// cluster through it, and its backends, forked later, inherit the priority.
+    pub fn postmaster_pid(&self) -> anyhow::Result<u32> {
+        let file = self.dir.path().join("data").join("postmaster.pid");
+        let text = std::fs::read_to_string(&file)
+            .with_context(|| format!("reading {}", file.display()))?;
+        text.lines()
+            .next()
+            .and_then(|l| l.trim().parse().ok())
+            .with_context(|| format!("no process id in {}", file.display()))
+    }
+
     /// A URL for the superuser on `database`.
     pub fn url(&self, database: &str) -> String {
         format!(
