@@ -16,7 +16,6 @@
 
 pub mod catalog;
 pub mod conn;
-pub mod event_loops;
 pub mod ops;
 pub mod relay;
 pub mod stream;
@@ -39,7 +38,6 @@ use tokio::task::JoinHandle;
 
 use crate::catalog::Catalog;
 use crate::conn::CancelKeys;
-use crate::event_loops::EventLoops;
 use crate::upstream::UpstreamTarget;
 
 /// Settings of pg-proxy (the `[pg_proxy]` table of the deployment's TOML file).
@@ -81,9 +79,6 @@ pub struct PgProxyConfig {
     pub audit_url: String,
     /// The durable local spool of audit events.
     pub spool_path: Option<PathBuf>,
-    /// Threads that relay connections, each a single-threaded event loop serving its
-    /// connections from start to end (see `event_loops`); 0: one per core.
-    pub event_loops: usize,
 }
 
 impl Default for PgProxyConfig {
@@ -103,7 +98,6 @@ impl Default for PgProxyConfig {
             service_token_file: None,
             audit_url: "http://127.0.0.1:7403".into(),
             spool_path: None,
-            event_loops: 0,
         }
     }
 }
@@ -138,7 +132,7 @@ pub struct RunningPgProxy {
 }
 
 impl RunningPgProxy {
-    /// Stops accepting; live sessions go on to their end (or the process's).
+    /// Stops accepting; live sessions end with the process.
     pub async fn shutdown(mut self) {
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
@@ -170,8 +164,6 @@ pub async fn start(config: &PgProxyConfig, gateway: Gateway) -> anyhow::Result<R
         .await
         .with_context(|| format!("pg-proxy: binding {}", config.listen))?;
     let addr = listener.local_addr()?;
-    let loops = EventLoops::start(config.event_loops, &config.name)
-        .context("pg-proxy: starting its event loops")?;
     let shared = Arc::new(Shared {
         config: config.clone(),
         gateway,
@@ -187,10 +179,7 @@ pub async fn start(config: &PgProxyConfig, gateway: Gateway) -> anyhow::Result<R
                 _ = &mut rx => break,
                 accepted = listener.accept() => match accepted {
                     Ok((socket, peer)) => {
-                        let shared = shared.clone();
-                        if let Err(e) = loops.serve(socket, move |socket| conn::serve(shared, socket, peer)) {
-                            tracing::warn!(error = %e, %peer, "handing a connection to an event loop");
-                        }
+                        tokio::spawn(conn::serve(shared.clone(), socket, peer));
                     }
                     Err(e) => {
                         tracing::warn!(error = %e, "accept failed");
