@@ -655,20 +655,7 @@ impl Pgbouncer {
 impl Drop for Pgbouncer {
     fn drop(&mut self) {
         // SIGTERM to pgbouncer itself (runuser, if any, then exits with it).
-        if self.pid != 0 {
-            let _ = Command::new("kill")
-                .args(["-TERM", &self.pid.to_string()])
-                .status();
-        }
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        terminate(&mut self.child, (self.pid != 0).then_some(self.pid));
     }
 }
 
@@ -994,19 +981,28 @@ impl AuditProcess {
 
 impl Drop for AuditProcess {
     fn drop(&mut self) {
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status();
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        let pid = self.child.id();
+        terminate(&mut self.child, Some(pid));
     }
+}
+
+/// Stops a child: SIGTERM to `pid` (the process that serves, which may be the child's own
+/// child), up to 5 s for the child to exit, then SIGKILL.
+fn terminate(child: &mut Child, pid: Option<u32>) {
+    if let Some(pid) = pid {
+        let _ = Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status();
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline {
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
 }
 
 /// Sets a process's niceness (`renice`).
