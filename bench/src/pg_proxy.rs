@@ -136,6 +136,9 @@ struct Args {
     /// The pgbouncer executable.
     #[arg(long, default_value = "pgbouncer")]
     pgbouncer: String,
+    /// pg-proxy's `spool_sync_interval` (e.g. `2ms`, the default, or `10ms`).
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "2ms")]
+    spool_sync_interval: Duration,
 }
 
 const POLICY: &str = r#"
@@ -803,6 +806,7 @@ impl Stack {
             approvals_url: format!("http://127.0.0.1:{approvals_port}"),
             audit_url: audit_endpoint,
             service_token_file: Some(token_file),
+            spool_sync_interval: args.spool_sync_interval,
             ..Default::default()
         };
         let gateway = agentgate_pg_proxy::gateway_from_config(&proxy_config, dir.path()).await?;

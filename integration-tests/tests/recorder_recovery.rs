@@ -105,9 +105,10 @@ async fn crash_and_recover(backend: Backend) {
     // Then the client process is killed too, with events spooled and unshipped.
     client.kill().await.unwrap();
     drop(lines);
-    // And its last write was cut short: half a frame at the end of the newest segment (a
-    // SIGKILL between write and fdatasync can leave one). Recovery cuts it; nothing that was
-    // reported recorded is in it.
+    // And its last write was cut short: half a frame right after the last whole one of the
+    // newest segment, in the zeros the writer put ahead of its frames (a SIGKILL between write
+    // and fdatasync can leave one). Recovery cuts it; nothing that was reported recorded is
+    // in it.
     let newest = std::fs::read_dir(&spool)
         .unwrap()
         .filter_map(|e| e.ok().map(|e| e.path()))
@@ -115,9 +116,16 @@ async fn crash_and_recover(backend: Backend) {
         .max()
         .expect("the spool has a segment");
     {
-        use std::io::Write as _;
-        let mut f = std::fs::OpenOptions::new()
-            .append(true)
+        use std::os::unix::fs::FileExt as _;
+        let bytes = std::fs::read(&newest).unwrap();
+        // Frames are [length u32][crc u32][id u64][body]; zeros follow the last one.
+        let mut end = 0;
+        while end + 16 <= bytes.len() && bytes[end..end + 16] != [0u8; 16] {
+            let len = u32::from_le_bytes(bytes[end..end + 4].try_into().unwrap()) as usize;
+            end += 16 + len;
+        }
+        let f = std::fs::OpenOptions::new()
+            .write(true)
             .open(&newest)
             .unwrap();
         // A frame header promising 200 bytes, then only 20 of them.
@@ -126,7 +134,7 @@ async fn crash_and_recover(backend: Backend) {
         torn.extend_from_slice(&0xdead_beefu32.to_le_bytes());
         torn.extend_from_slice(&u64::MAX.to_le_bytes());
         torn.extend_from_slice(&[7u8; 20]);
-        f.write_all(&torn).unwrap();
+        f.write_all_at(&torn, end as u64).unwrap();
     }
 
     // Both come back: the store on the same database, a client on the same spool.

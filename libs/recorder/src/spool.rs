@@ -10,8 +10,12 @@
 //!
 //! Layout of the spool directory:
 //! - `<first id, 20 digits>.seg`: frames `[body length u32][CRC-32C u32 of id and body]
-//!   [id u64][body]` (little-endian), ids strictly increasing. A new segment starts when the
-//!   current one passes [`SEGMENT_MAX`] and at every open.
+//!   [id u64][body]` (little-endian), ids strictly increasing, then zeros: the writer extends
+//!   a segment by [`PREALLOCATE`] bytes of zeros at a time, so that a group's fdatasync finds
+//!   the file's size and blocks unchanged and flushes only the group's pages — not the
+//!   inode, and on a journalling file system no journal commit (what PostgreSQL does for its
+//!   WAL segments). A header of zeros ends a segment's frames (ids start at 1). A new segment
+//!   starts when the current one passes [`SEGMENT_MAX`] and at every open.
 //! - `acked`: the id through which the audit store has acknowledged, with its CRC. Written
 //!   without fsync: losing it only means resending, and the store is idempotent on
 //!   (session, sequence).
@@ -19,9 +23,9 @@
 //!   `[reason length u32][reason][event]`).
 //! - `lock`: held (flock) while a process has the spool open.
 //!
-//! Recovery on open: every segment is scanned; a frame that is short, too long, fails its CRC
-//! or does not increase the id ends the segment's readable part and the file is truncated
-//! there (a torn tail from a crash mid-write; nothing in it was acknowledged as durable,
+//! Recovery on open: every segment is scanned; the zeros after its last frame are cut, and a
+//! frame that is short, too long, fails its CRC or does not increase the id ends the
+//! segment's readable part and the file is truncated there (a torn tail from a crash mid-write; nothing in it was acknowledged as durable,
 //! since acknowledgement follows the fdatasync). Segments wholly acknowledged are deleted.
 
 use std::collections::VecDeque;
@@ -38,16 +42,21 @@ use crate::RecorderError;
 
 /// A segment is closed and a new one started once it is this large.
 pub(crate) const SEGMENT_MAX: u64 = 64 << 20;
+/// Bytes of zeros a segment grows by ahead of its frames: one size change (and its metadata
+/// flush) per this many bytes of events instead of one per fdatasync.
+pub(crate) const PREALLOCATE: u64 = 4 << 20;
 /// Largest event accepted (the store's gRPC limit is 64 MiB per batch).
 pub(crate) const EVENT_MAX: usize = 16 << 20;
 /// Bytes queued and not yet written before `reserve` makes callers wait (backpressure).
 const PENDING_MAX: usize = 16 << 20;
 /// Bytes of written events kept in memory for the shipper.
 const CACHE_MAX: usize = 32 << 20;
-/// Shortest time between two fdatasyncs while events keep coming: an fdatasync costs tens of
-/// microseconds of CPU (and a VM exit on virtual disks), so under load the writer lets a
-/// group fill for this long instead of syncing every few events. An idle spool syncs at once.
-const SYNC_INTERVAL: std::time::Duration = std::time::Duration::from_millis(2);
+/// The default shortest time between two fdatasyncs while events keep coming: an fdatasync
+/// costs tens of microseconds of CPU (and a VM exit on virtual disks), so under load the
+/// writer lets a group fill for this long instead of syncing every few events. An idle spool
+/// syncs at once. It is also the most a crash of the machine or the process can take of
+/// events already queued.
+pub const DEFAULT_SYNC_INTERVAL: std::time::Duration = std::time::Duration::from_millis(2);
 /// Failed write groups remembered for callers still waiting on them.
 const FAILURES_KEPT: usize = 256;
 const HEADER: usize = 16;
@@ -153,13 +162,23 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Spool {
-    /// Opens or creates the spool directory, recovers it, and starts the writer thread.
+    /// Opens or creates the spool directory, recovers it, and starts the writer thread,
+    /// syncing at most every [`DEFAULT_SYNC_INTERVAL`] under load.
     pub async fn open(path: &Path) -> Result<Spool, RecorderError> {
+        Spool::open_with(path, DEFAULT_SYNC_INTERVAL).await
+    }
+
+    /// Like [`Spool::open`], syncing at most every `sync_interval` under load: longer saves
+    /// CPU and disk flushes, and widens how much of the last events a crash can take.
+    pub async fn open_with(
+        path: &Path,
+        sync_interval: std::time::Duration,
+    ) -> Result<Spool, RecorderError> {
         crate::migrate::prepare(path)
             .await
             .map_err(|e| error(&path.display().to_string(), e))?;
         let path = path.to_owned();
-        tokio::task::spawn_blocking(move || open_blocking(&path))
+        tokio::task::spawn_blocking(move || open_blocking(&path, sync_interval))
             .await
             .map_err(|e| RecorderError::Spool {
                 path: String::new(),
@@ -553,7 +572,8 @@ fn read_frame(r: &mut impl Read) -> std::io::Result<Option<(u64, Vec<u8>)>> {
     let mut id_bytes = [0u8; 8];
     id_bytes.copy_from_slice(&header[8..16]);
     let id = u64::from_le_bytes(id_bytes);
-    if len > EVENT_MAX.max(1 << 20) + 4096 {
+    if header == [0u8; HEADER] || len > EVENT_MAX.max(1 << 20) + 4096 {
+        // Zeros: the preallocated rest of the segment.
         return Ok(None);
     }
     let mut body = vec![0u8; len];
@@ -651,7 +671,16 @@ fn recover_segment(path: &Path, after: u64) -> std::io::Result<(u64, Option<u64>
         }
     }
     drop(reader);
-    if offset < size {
+    let mut next = [0u8; HEADER];
+    let preallocated = offset < size
+        && file
+            .read_exact_at(&mut next, offset)
+            .is_ok_and(|()| next == [0u8; HEADER]);
+    if preallocated {
+        // The zeros the writer put ahead of its frames: the segment is closed now.
+        file.set_len(offset)?;
+        file.sync_all()?;
+    } else if offset < size {
         tracing::warn!(
             segment = %path.display(),
             kept = offset,
@@ -664,7 +693,7 @@ fn recover_segment(path: &Path, after: u64) -> std::io::Result<(u64, Option<u64>
     Ok((count, last, offset))
 }
 
-fn open_blocking(path: &Path) -> Result<Spool, RecorderError> {
+fn open_blocking(path: &Path, sync_interval: std::time::Duration) -> Result<Spool, RecorderError> {
     let display = path.display().to_string();
     let err = |e: &dyn std::fmt::Display| error(&display, e);
     std::fs::create_dir_all(path).map_err(|e| err(&e))?;
@@ -750,7 +779,8 @@ fn open_blocking(path: &Path) -> Result<Spool, RecorderError> {
     let current = path.join(segment_name(next_id));
     let segment = OpenOptions::new()
         .create(true)
-        .append(true)
+        .truncate(false)
+        .write(true)
         .open(&current)
         .map_err(|e| err(&e))?;
     keep.push((next_id, current));
@@ -806,7 +836,7 @@ fn open_blocking(path: &Path) -> Result<Spool, RecorderError> {
     let writer = shared.clone();
     std::thread::Builder::new()
         .name("audit-spool".into())
-        .spawn(move || write_loop(writer, segment, next_id))
+        .spawn(move || write_loop(writer, segment, next_id, sync_interval))
         .map_err(|e| err(&e))?;
     Ok(Spool {
         _closer: Arc::new(Closer(shared.clone())),
@@ -816,8 +846,15 @@ fn open_blocking(path: &Path) -> Result<Spool, RecorderError> {
 
 /// The writer thread: takes everything queued, appends it with one write, fdatasyncs, then
 /// tells the waiters and the shipper. Ends when the spool is dropped and the queue is empty.
-fn write_loop(shared: Arc<Shared>, mut segment: File, mut segment_first: u64) {
+fn write_loop(
+    shared: Arc<Shared>,
+    mut segment: File,
+    mut segment_first: u64,
+    sync_interval: std::time::Duration,
+) {
+    // Bytes of frames in the segment, and bytes of it written (frames, then zeros).
     let mut size = 0u64;
+    let mut allocated = 0u64;
     let mut spare: Vec<u8> = Vec::with_capacity(64 << 10);
     // After a failed write the segment's tail is unknown: the next group starts a new one.
     let mut broken = false;
@@ -832,12 +869,16 @@ fn write_loop(shared: Arc<Shared>, mut segment: File, mut segment_first: u64) {
                     .unwrap_or_else(|e| e.into_inner());
             }
             if q.pending_events == 0 {
+                // Closed and empty: a clean close leaves no zeros behind.
+                if !broken {
+                    let _ = segment.set_len(size);
+                }
                 return;
             }
             // Group commit: right after a sync, let more events join this group (unless the
             // queue is already large, or the spool is closing).
             if let Some(at) = last_sync {
-                let until = at + SYNC_INTERVAL;
+                let until = at + sync_interval;
                 loop {
                     let now = std::time::Instant::now();
                     if now >= until || q.closed || q.pending.len() >= PENDING_MAX / 4 {
@@ -860,15 +901,29 @@ fn write_loop(shared: Arc<Shared>, mut segment: File, mut segment_first: u64) {
         let last = first + events - 1;
         let result = (|| -> std::io::Result<()> {
             if broken || size >= SEGMENT_MAX {
+                if !broken {
+                    // Closed: its zeros go. Not worth failing a group for: a crash, or a
+                    // failure here, only leaves them for recovery to cut.
+                    let _ = segment.set_len(size);
+                }
                 let path = shared.dir.join(segment_name(first));
-                segment = OpenOptions::new().create(true).append(true).open(&path)?;
+                segment = OpenOptions::new()
+                    .create(true)
+                    .truncate(true)
+                    .write(true)
+                    .open(&path)?;
                 sync_dir(&shared.dir)?;
                 lock(&shared.segments).list.push((first, path));
                 segment_first = first;
                 size = 0;
+                allocated = 0;
                 broken = false;
             }
-            segment.write_all(&buf)?;
+            let end = size + buf.len() as u64;
+            if end > allocated {
+                allocated = preallocate(&segment, allocated, end.next_multiple_of(PREALLOCATE))?;
+            }
+            segment.write_all_at(&buf, size)?;
             last_sync = Some(std::time::Instant::now());
             segment.sync_data()
         })();
@@ -926,6 +981,20 @@ fn write_loop(shared: Arc<Shared>, mut segment: File, mut segment_first: u64) {
             }
         }
     }
+}
+
+/// Writes zeros to `file` from `from` to `to`; returns `to`. Zeros written, not a hole or
+/// an unwritten extent (`fallocate`): overwriting those would change the file's metadata
+/// again at every fdatasync.
+fn preallocate(file: &File, from: u64, to: u64) -> std::io::Result<u64> {
+    static ZEROS: [u8; 64 << 10] = [0; 64 << 10];
+    let mut at = from;
+    while at < to {
+        let n = (to - at).min(ZEROS.len() as u64) as usize;
+        file.write_all_at(&ZEROS[..n], at)?;
+        at += n as u64;
+    }
+    Ok(to)
 }
 
 /// CRC-32C (Castagnoli), slicing-by-8: about a byte per cycle, enough for frames of a few
@@ -997,6 +1066,18 @@ impl Crc32c {
 mod tests {
     use super::*;
 
+    /// Waits until the writer of a dropped spool has finished (it holds the lock until then).
+    fn wait_closed(path: &Path) {
+        let lock = File::open(path.join("lock")).expect("lock file");
+        for _ in 0..500 {
+            if lock.try_lock().is_ok() {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        panic!("the spool's writer did not finish");
+    }
+
     #[test]
     fn crc32c_matches_the_standard_check_value() {
         let mut c = Crc32c::new();
@@ -1063,6 +1144,7 @@ mod tests {
                 spool.append(&[i; 100]).await.expect("append");
             }
         }
+        wait_closed(&path);
         let segment = std::fs::read_dir(&path)
             .expect("dir")
             .filter_map(|e| e.ok().map(|e| e.path()))
@@ -1099,6 +1181,7 @@ mod tests {
         );
         assert!(rows.windows(2).all(|w| w[0].0 < w[1].0));
         drop(spool);
+        wait_closed(&path);
 
         // A flipped bit in the last frame: its CRC fails, it is cut, the first two stay.
         {
@@ -1112,6 +1195,61 @@ mod tests {
         assert_eq!(
             rows.iter().map(|r| r.1[0]).collect::<Vec<_>>(),
             vec![0, 1, 3]
+        );
+    }
+
+    #[tokio::test]
+    async fn zeros_ahead_of_the_frames_are_cut_on_recovery_and_nothing_is_lost() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("spool");
+        let spool = Spool::open(&path).await.expect("open");
+        for i in 0..3u8 {
+            spool.append(&[i; 100]).await.expect("append");
+        }
+        let segment = std::fs::read_dir(&path)
+            .expect("dir")
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .find(|p| p.extension().is_some_and(|x| x == "seg"))
+            .expect("the live segment");
+        // While open, the segment is frames and then zeros up to a whole preallocation.
+        let image = std::fs::read(&segment).expect("read");
+        let frames = 3 * (HEADER + 100);
+        assert_eq!(image.len() as u64, PREALLOCATE);
+        assert!(image[frames..].iter().all(|b| *b == 0));
+        drop(spool);
+        wait_closed(&path);
+        // A clean close cuts the zeros.
+        assert_eq!(
+            std::fs::metadata(&segment).expect("meta").len(),
+            frames as u64
+        );
+
+        // A crash leaves them: recovery cuts them quietly and keeps every frame.
+        std::fs::write(&segment, &image).expect("restore the crash image");
+        let spool = Spool::open(&path).await.expect("reopen");
+        assert_eq!(spool.len(), 3);
+        assert_eq!(
+            std::fs::metadata(&segment).expect("meta").len(),
+            frames as u64
+        );
+        let rows = spool.read_after(0, 10).expect("read");
+        assert_eq!(
+            rows.iter().map(|r| r.1[0]).collect::<Vec<_>>(),
+            vec![0, 1, 2]
+        );
+        // A frame cut short inside the zeros is a torn tail like any other.
+        drop(spool);
+        wait_closed(&path);
+        let mut torn = image.clone();
+        let mut frame = Vec::new();
+        push_frame(&mut frame, 4, &[9u8; 100]);
+        torn[frames..frames + 60].copy_from_slice(&frame[..60]);
+        std::fs::write(&segment, &torn).expect("write the torn image");
+        let spool = Spool::open(&path).await.expect("reopen");
+        assert_eq!(spool.len(), 3);
+        assert_eq!(
+            std::fs::metadata(&segment).expect("meta").len(),
+            frames as u64
         );
     }
 

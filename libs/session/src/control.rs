@@ -30,6 +30,9 @@ pub struct ControlPlane<'a> {
     pub tls: &'a TlsConfig,
     /// The durable audit spool; `DATA_DIR/<proxy>-spool.db` when unset.
     pub spool_path: Option<&'a Path>,
+    /// Shortest time between two fdatasyncs of the spool under load
+    /// ([`agentgate_recorder::RecorderConfig::sync_interval`]).
+    pub spool_sync_interval: std::time::Duration,
     /// The table the settings come from (`pg_proxy`), for error messages.
     pub table: &'a str,
 }
@@ -127,6 +130,7 @@ pub async fn connect(
     let mut recorder_config =
         RecorderConfig::new(plane.audit_url, spool).with_token_source(credentials.recorder);
     recorder_config.tls = audit_tls;
+    recorder_config.sync_interval = plane.spool_sync_interval;
     let recorder = Recorder::open(recorder_config).await.map_err(|e| {
         ControlPlaneError::setting(plane.table, "spool_path (the audit recorder)", e)
     })?;

@@ -79,6 +79,11 @@ pub struct PgProxyConfig {
     pub audit_url: String,
     /// The durable local spool of audit events.
     pub spool_path: Option<PathBuf>,
+    /// Shortest time between two fdatasyncs of the spool while events keep coming: longer
+    /// costs less CPU and fewer disk flushes under load, and lets a crash take up to that
+    /// much of the events recorded last.
+    #[serde(with = "humantime_serde")]
+    pub spool_sync_interval: Duration,
 }
 
 impl Default for PgProxyConfig {
@@ -98,6 +103,7 @@ impl Default for PgProxyConfig {
             service_token_file: None,
             audit_url: "http://127.0.0.1:7403".into(),
             spool_path: None,
+            spool_sync_interval: agentgate_recorder::DEFAULT_SYNC_INTERVAL,
         }
     }
 }
@@ -248,6 +254,7 @@ pub async fn gateway(
         audit_url: &config.audit_url,
         tls: &config.control_tls,
         spool_path: config.spool_path.as_deref(),
+        spool_sync_interval: config.spool_sync_interval,
         table: "pg_proxy",
     };
     Ok(agentgate_session::connect(plane, credentials, data_dir, |_| {}).await?)

@@ -77,6 +77,11 @@ pub struct SshProxyConfig {
     pub audit_url: String,
     /// The durable local spool of audit events.
     pub spool_path: Option<PathBuf>,
+    /// Shortest time between two fdatasyncs of the spool while events keep coming: longer
+    /// costs less CPU and fewer disk flushes under load, and lets a crash take up to that
+    /// much of the events recorded last.
+    #[serde(with = "humantime_serde")]
+    pub spool_sync_interval: Duration,
     /// Environment variables an agent may set (`SendEnv`), unless the session policy's
     /// `ssh.allowed_env` setting (comma-separated) says otherwise. A trailing `*` matches a
     /// prefix.
@@ -114,6 +119,7 @@ impl Default for SshProxyConfig {
             service_token_file: None,
             audit_url: "http://127.0.0.1:7403".into(),
             spool_path: None,
+            spool_sync_interval: agentgate_recorder::DEFAULT_SYNC_INTERVAL,
             allowed_env: vec![
                 "LANG".into(),
                 "LC_*".into(),
@@ -384,6 +390,7 @@ pub async fn gateway(
         audit_url: &config.audit_url,
         tls: &config.control_tls,
         spool_path: config.spool_path.as_deref(),
+        spool_sync_interval: config.spool_sync_interval,
         table: "ssh_proxy",
     };
     Ok(agentgate_session::connect(plane, credentials, data_dir, |_| {}).await?)
