@@ -514,6 +514,104 @@ fn query_records(events: &[AuditEvent]) -> Vec<agentgate_proto::audit::v1::Opera
         .collect()
 }
 
+/// The `status` of each statement of a session's Query containing `marker`, in order.
+async fn statuses_of_query_with(s: &Stack, marker: &str) -> Vec<(String, String)> {
+    let events = s.events_of_session_with(marker).await;
+    query_records(&events)
+        .into_iter()
+        .map(|o| (o.operation.unwrap().text.trim().to_owned(), o.status))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn statements_a_failed_query_rolled_back_are_recorded_so() {
+    let s = Stack::start().await;
+    let token = s.token(
+        "agent:implicit",
+        &["agents", "writers"],
+        Duration::from_secs(600),
+    );
+    let count = |ids: &str| {
+        let out = s.psql(
+            &token,
+            "write",
+            &[
+                "-c",
+                &format!("SELECT count(*) FROM scratch WHERE id IN ({ids})"),
+            ],
+        );
+        assert!(out.status.success(), "{}", err(&out));
+        text(&out).trim().to_owned()
+    };
+
+    // Idle session: the Query is one implicit transaction; the failure undoes the INSERT.
+    let out = s.psql(
+        &token,
+        "write",
+        &[
+            "-c",
+            "INSERT INTO scratch VALUES (501, 'implicit'); SELECT 1/0 AS implicit_fails",
+        ],
+    );
+    assert!(err(&out).contains("division by zero"), "{}", err(&out));
+    assert_eq!(count("501"), "0");
+    let statuses = statuses_of_query_with(&s, "implicit_fails").await;
+    assert_eq!(
+        statuses,
+        [
+            (
+                "INSERT INTO scratch VALUES (501, 'implicit')".to_owned(),
+                "rolled_back".to_owned()
+            ),
+            (
+                "SELECT 1/0 AS implicit_fails".to_owned(),
+                "error".to_owned()
+            ),
+        ]
+    );
+
+    // A COMMIT inside the Query settles what came before it; only what follows is undone
+    // (the example of PostgreSQL's protocol documentation).
+    let out = s.psql(
+        &token,
+        "write",
+        &[
+            "-c",
+            "INSERT INTO scratch VALUES (502, 'kept'); COMMIT; INSERT INTO scratch VALUES (503, 'undone'); SELECT 1/0 AS commit_then_fails",
+        ],
+    );
+    assert!(err(&out).contains("division by zero"), "{}", err(&out));
+    assert_eq!(count("502"), "1");
+    assert_eq!(count("503"), "0");
+    let statuses: Vec<String> = statuses_of_query_with(&s, "commit_then_fails")
+        .await
+        .into_iter()
+        .map(|(_, status)| status)
+        .collect();
+    assert_eq!(statuses, ["ok", "ok", "rolled_back", "error"]);
+
+    // Inside an explicit block the failure aborts the block and undoes nothing yet: the
+    // INSERT stays `ok`, and what ends the block is recorded as its own statement.
+    let out = s.psql(
+        &token,
+        "write",
+        &[
+            "-c",
+            "BEGIN",
+            "-c",
+            "INSERT INTO scratch VALUES (504, 'in block'); SELECT 1/0 AS in_block_fails",
+        ],
+    );
+    assert!(err(&out).contains("division by zero"), "{}", err(&out));
+    let statuses: Vec<String> = statuses_of_query_with(&s, "in_block_fails")
+        .await
+        .into_iter()
+        .map(|(_, status)| status)
+        .collect();
+    assert_eq!(statuses, ["ok", "ok", "error"]);
+    assert_eq!(count("504"), "0");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_statement_of_a_multi_statement_query_is_its_own_audit_event() {
     let s = Stack::start().await;
@@ -547,8 +645,10 @@ async fn each_statement_of_a_multi_statement_query_is_its_own_audit_event() {
             "SELECT 'multi never runs'",
         ]
     );
+    // The first two ran (and sent their rows); the server then rolled back the Query's
+    // implicit transaction.
     let statuses: Vec<&str> = ops.iter().map(|o| o.status.as_str()).collect();
-    assert_eq!(statuses, ["ok", "ok", "error", "skipped"]);
+    assert_eq!(statuses, ["rolled_back", "rolled_back", "error", "skipped"]);
     let rows: Vec<u64> = ops.iter().map(|o| o.rows).collect();
     assert_eq!(rows, [1, 2, 0, 0]);
     assert!(
@@ -732,6 +832,12 @@ async fn an_expiring_grant_ends_the_session_within_a_second() {
         elapsed < Duration::from_millis(4500),
         "ended {elapsed:?} after start, for a 3 s token"
     );
+    // The statement the expiry cut short is recorded, and says so.
+    let events = s.events_of_session_with("pg_sleep(30)").await;
+    let ops = query_records(&events);
+    assert_eq!(ops.len(), 1, "{ops:?}");
+    assert_eq!(ops[0].status, "interrupted");
+    assert!(ops[0].error.contains("expired"), "{}", ops[0].error);
     // A new session after expiry is refused.
     let out = s.psql(&token, "read", &["-c", "SELECT 1"]);
     assert!(!out.status.success());

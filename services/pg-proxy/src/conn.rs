@@ -447,6 +447,15 @@ async fn run_session(
     };
     agent_task.abort();
     upstream_task.abort();
+    // Both directions stopped (a task that ended was polled to its end above), then what
+    // the server never answered is recorded.
+    if !agent_task.is_finished() {
+        let _ = agent_task.await;
+    }
+    if !upstream_task.is_finished() {
+        let _ = upstream_task.await;
+    }
+    relay::record_unanswered(&ctx, &reason.to_string()).await;
     {
         let mut w = client_w.lock().await;
         if let Some(frame) = notify {

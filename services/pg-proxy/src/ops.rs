@@ -35,6 +35,9 @@ pub struct OpRecord {
     pub denial: Option<Denial>,
     /// Set when the statement never ran (an earlier error in its pipeline).
     pub skipped: bool,
+    /// Set when it ran and the server undid it: a later statement of the same simple Query
+    /// failed and took the Query's implicit transaction with it.
+    pub rolled_back: bool,
     /// For COPY TO STDOUT: the query whose rows it sends, to learn their columns' sources.
     pub copy_source: Option<String>,
 }
@@ -68,6 +71,7 @@ impl OpRecord {
             masked: Default::default(),
             denial: None,
             skipped: false,
+            rolled_back: false,
             copy_source: None,
         }
     }

@@ -55,8 +55,13 @@ enum Expect {
         sql: Option<Arc<str>>,
         op: Box<OpRecord>,
     },
-    /// Every statement of a simple Query, then ReadyForQuery.
-    Query { ops: VecDeque<OpRecord> },
+    /// Every statement of a simple Query, then ReadyForQuery. `done` holds the statements
+    /// that completed while later ones may still fail: the server runs a multi-statement
+    /// Query in one implicit transaction, so their outcome is known only at ReadyForQuery.
+    Query {
+        ops: VecDeque<OpRecord>,
+        done: Vec<OpRecord>,
+    },
     /// A FunctionCall's result, then ReadyForQuery.
     FunctionCall { op: Box<OpRecord> },
     /// ReadyForQuery for a Sync.
@@ -479,7 +484,10 @@ async fn on_agent_frame(
                 Some(c) if c.statements.len() > 1 => per_statement(&op, &c),
                 _ => VecDeque::from([op]),
             };
-            ctx.push(Expect::Query { ops })?;
+            ctx.push(Expect::Query {
+                ops,
+                done: Vec::new(),
+            })?;
             match stand_in {
                 None => out.extend_from_slice(frame.raw()),
                 Some(f) => out.extend_from_slice(f.raw()),
@@ -647,6 +655,7 @@ async fn on_agent_frame(
                 });
                 ctx.push(Expect::Query {
                     ops: VecDeque::from([op]),
+                    done: Vec::new(),
                 })?;
                 out.extend_from_slice(Query::frame(&marker).raw());
             } else {
@@ -1171,10 +1180,38 @@ fn mask_copy_binary(
     changed.then_some(out)
 }
 
+/// Marks the statements of a Query that completed and were then undone by the server: a
+/// later statement failed (`done` ends with it) and the session is idle again (`idle`: the
+/// server rolled back the Query's implicit transaction, not left an explicit block aborted).
+/// What ran before the Query's last COMMIT, ROLLBACK or PREPARE TRANSACTION was already
+/// settled and stays as it was.
+fn mark_rolled_back(done: &mut [OpRecord], idle: bool) {
+    let Some((failed, completed)) = done.split_last_mut() else {
+        return;
+    };
+    if !idle || failed.error.is_none() {
+        return;
+    }
+    let settled = completed
+        .iter()
+        .rposition(|op| {
+            matches!(
+                op.operation.action.as_str(),
+                "commit" | "rollback" | "prepare transaction"
+            )
+        })
+        .map_or(0, |i| i + 1);
+    for op in &mut completed[settled..] {
+        if op.error.is_none() {
+            op.rolled_back = true;
+        }
+    }
+}
+
 fn front_op(q: &mut VecDeque<Expect>) -> Option<&mut OpRecord> {
     match q.front_mut()? {
         Expect::Execute { op, .. } | Expect::FunctionCall { op } => Some(op),
-        Expect::Query { ops } => ops.front_mut(),
+        Expect::Query { ops, .. } => ops.front_mut(),
         _ => None,
     }
 }
@@ -1334,21 +1371,30 @@ async fn on_server_frame(
                 None
             };
             st.cells = None;
-            let done = {
+            let rows = rows.unwrap_or(0);
+            let finished: Vec<OpRecord> = {
                 let mut q = ctx.expect.lock().map_err(|_| lock_err())?;
                 match q.front_mut() {
                     Some(Expect::Execute { .. }) => match q.pop_front() {
-                        Some(Expect::Execute { op, .. }) => Some(*op),
-                        _ => None,
+                        Some(Expect::Execute { mut op, .. }) => {
+                            op.rows += rows;
+                            vec![*op]
+                        }
+                        _ => Vec::new(),
                     },
-                    // A multi-statement Query completes statement by statement, each its own
-                    // record.
-                    Some(Expect::Query { ops }) => ops.pop_front(),
-                    _ => None,
+                    // A Query completes statement by statement, each its own record, made
+                    // at ReadyForQuery (see `Expect::Query`).
+                    Some(Expect::Query { ops, done }) => {
+                        if let Some(mut op) = ops.pop_front() {
+                            op.rows += rows;
+                            done.push(op);
+                        }
+                        Vec::new()
+                    }
+                    _ => Vec::new(),
                 }
             };
-            if let Some(mut op) = done {
-                op.rows += rows.unwrap_or(0);
+            for op in finished {
                 record(ctx, op, "ok").await?;
             }
         }
@@ -1367,11 +1413,20 @@ async fn on_server_frame(
                         }
                         _ => op.error = Some(format!("{}: {}", fields.code, fields.message)),
                     }
+                } else if let Some(Expect::Query { done, .. }) = q.front_mut()
+                    && let Some(last) = done.last_mut()
+                {
+                    // Every statement completed and the Query's implicit transaction failed
+                    // as it ended (a deferred constraint): the last statement carries it.
+                    last.error = Some(format!(
+                        "{}: {} (as the query's implicit transaction ended)",
+                        fields.code, fields.message
+                    ));
                 }
-                if let Some(Expect::Query { ops }) = q.front_mut() {
+                if let Some(Expect::Query { ops, done }) = q.front_mut() {
                     // The failed statement ends here; the server skips the rest of the Query,
-                    // which ReadyForQuery records as skipped.
-                    finished.extend(ops.pop_front());
+                    // which ReadyForQuery records as skipped, with those that completed.
+                    done.extend(ops.pop_front());
                 } else if !simple {
                     // Extended protocol: the server skips everything up to the next Sync.
                     let mut first = true;
@@ -1410,7 +1465,10 @@ async fn on_server_frame(
                 while let Some(e) = q.pop_front() {
                     match e {
                         Expect::Sync => break,
-                        Expect::Query { ops } => {
+                        Expect::Query { ops, mut done } => {
+                            let idle = frame.body().first() == Some(&b'I');
+                            mark_rolled_back(&mut done, idle);
+                            finished.append(&mut done);
                             // Statements of the Query that never completed did not run.
                             finished.extend(ops.into_iter().map(|mut op| {
                                 if op.error.is_none() {
@@ -1437,6 +1495,8 @@ async fn on_server_frame(
                     "error"
                 } else if op.skipped {
                     "skipped"
+                } else if op.rolled_back {
+                    "rolled_back"
                 } else {
                     "ok"
                 };
@@ -1536,6 +1596,50 @@ fn current_fields(ctx: &Context, st: &UpstreamState) -> Result<Shape, ()> {
         Some(sql) => Shape::Describe(sql.clone(), formats),
         None => Shape::Unknown,
     })
+}
+
+/// Records the statements still waiting for the server when the session ended (revoked,
+/// expired, a connection lost): statements of a Query that completed keep their outcome, a
+/// refused one its refusal, and the rest are `interrupted`, with why. Call it once both
+/// directions have stopped.
+pub async fn record_unanswered(ctx: &Context, why: &str) {
+    let pending: Vec<Expect> = match ctx.expect.lock() {
+        Ok(mut q) => q.drain(..).collect(),
+        Err(_) => return,
+    };
+    let mut unanswered: Vec<(OpRecord, bool)> = Vec::new();
+    for e in pending {
+        match e {
+            Expect::Execute { op, .. } | Expect::FunctionCall { op } => {
+                unanswered.push((*op, false));
+            }
+            Expect::Query { ops, done } => {
+                unanswered.extend(done.into_iter().map(|op| (op, true)));
+                unanswered.extend(ops.into_iter().map(|op| (op, false)));
+            }
+            _ => {}
+        }
+    }
+    for (mut op, completed) in unanswered {
+        let status = if op.error.is_some() {
+            "error"
+        } else if op.skipped {
+            "skipped"
+        } else if op.denial.is_some() {
+            op.error = Some(format!("refused by agentgate: {}", op.reason));
+            "error"
+        } else if completed {
+            "ok"
+        } else {
+            op.error = Some(format!(
+                "the session ended before the server answered: {why}"
+            ));
+            "interrupted"
+        };
+        if record(ctx, op, status).await.is_err() {
+            return;
+        }
+    }
 }
 
 async fn record(ctx: &Context, op: OpRecord, status: &str) -> Result<(), Stop> {
