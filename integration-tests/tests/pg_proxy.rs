@@ -844,6 +844,28 @@ async fn an_expiring_grant_ends_the_session_within_a_second() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_statement_waiting_for_approval_when_the_session_ends_is_recorded() {
+    let s = Stack::start().await;
+    let token = s.token("agent:patient", &["agents"], Duration::from_secs(3));
+    // Needs approval (DDL by the read role); nobody decides before the grant expires.
+    let out = s.psql(&token, "read", &["-c", "DROP TABLE held_until_expiry"]);
+    assert!(!out.status.success());
+    assert!(err(&out).contains("expired"), "{}", err(&out));
+    let events = s.events_of_session_with("held_until_expiry").await;
+    let ops = query_records(&events);
+    assert_eq!(ops.len(), 1, "{ops:?}");
+    assert_eq!(ops[0].status, "interrupted");
+    assert_eq!(ops[0].decision, Decision::NeedsApproval as i32);
+    assert!(!ops[0].approval_id.is_empty(), "names its approval request");
+    assert!(
+        ops[0].error.contains("waited for approval") && ops[0].error.contains("expired"),
+        "{}",
+        ops[0].error
+    );
+    assert_eq!(events.last().map(|e| e.kind.as_str()), Some("session.end"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn authz_unreachable_refuses_new_sessions() {
     let s = Stack::start().await;
     let dir = tempfile::tempdir().unwrap();

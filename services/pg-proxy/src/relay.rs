@@ -84,6 +84,8 @@ pub struct Context {
     /// The agent's connection.
     pub client: ClientWriter,
     expect: Mutex<VecDeque<Expect>>,
+    /// The statement waiting for approval, if any: recorded if the session ends meanwhile.
+    held: Mutex<Option<OpRecord>>,
 }
 
 impl Context {
@@ -102,6 +104,7 @@ impl Context {
             max_message,
             client,
             expect: Mutex::new(VecDeque::new()),
+            held: Mutex::new(None),
         })
     }
 
@@ -415,9 +418,20 @@ async fn decide(
     }
     let decision = ctx.session.decide(&op.operation);
     let client = ctx.client.clone();
+    let held = |f: &mut dyn FnMut(&mut Option<OpRecord>)| {
+        if let Ok(mut h) = ctx.held.lock() {
+            f(&mut h);
+        }
+    };
+    held(&mut |h| *h = Some(op.clone()));
     let outcome = ctx
         .session
-        .hold_for_approval(&op.operation, &decision, "", move |pending| {
+        .hold_for_approval(&op.operation, &decision, "", |pending| {
+            held(&mut |h| {
+                if let Some(h) = h {
+                    h.approval_id = Some(pending.id.clone());
+                }
+            });
             // libpq and the drivers show a NOTICE while they wait for the result.
             let notice = build::notice(
                 "01000",
@@ -431,12 +445,14 @@ async fn decide(
             });
         })
         .await;
+    if let agentgate_session::ApprovalOutcome::SessionEnded { reason, .. } = outcome {
+        // Still held: recorded with what the server never answered.
+        return Err(Stop::quiet(reason));
+    }
+    held(&mut |h| *h = None);
     op.approval_id = outcome.approval_id().map(str::to_owned);
     op.decision = outcome.decision();
     op.reason = outcome.message();
-    if let agentgate_session::ApprovalOutcome::SessionEnded { reason, .. } = outcome {
-        return Err(Stop::quiet(reason));
-    }
     Ok(())
 }
 
@@ -1620,6 +1636,7 @@ pub async fn record_unanswered(ctx: &Context, why: &str) {
             _ => {}
         }
     }
+    let held = ctx.held.lock().ok().and_then(|mut h| h.take());
     for (mut op, completed) in unanswered {
         let status = if op.error.is_some() {
             "error"
@@ -1639,6 +1656,13 @@ pub async fn record_unanswered(ctx: &Context, why: &str) {
         if record(ctx, op, status).await.is_err() {
             return;
         }
+    }
+    // Sent after everything above, so recorded after it.
+    if let Some(mut op) = held {
+        op.error = Some(format!(
+            "the session ended while the statement waited for approval: {why}"
+        ));
+        let _ = record(ctx, op, "interrupted").await;
     }
 }
 
