@@ -610,6 +610,34 @@ async fn statements_a_failed_query_rolled_back_are_recorded_so() {
         .collect();
     assert_eq!(statuses, ["ok", "ok", "error"]);
     assert_eq!(count("504"), "0");
+
+    // A deferred constraint fails as the implicit transaction ends: the server commits before
+    // it completes the last statement, so the last statement fails, and the others were
+    // undone with it.
+    let out = s.psql(
+        &token,
+        "write",
+        &[
+            "-c",
+            "CREATE TABLE deferred_once (id int UNIQUE DEFERRABLE INITIALLY DEFERRED)",
+        ],
+    );
+    assert!(out.status.success(), "{}", err(&out));
+    let out = s.psql(
+        &token,
+        "write",
+        &[
+            "-c",
+            "INSERT INTO deferred_once VALUES (1); INSERT INTO deferred_once VALUES (1); SELECT 'deferred_fails'",
+        ],
+    );
+    assert!(err(&out).contains("duplicate key"), "{}", err(&out));
+    let statuses = statuses_of_query_with(&s, "deferred_fails").await;
+    let status: Vec<&str> = statuses.iter().map(|(_, st)| st.as_str()).collect();
+    assert_eq!(status, ["rolled_back", "rolled_back", "error"]);
+    let events = s.events_of_session_with("deferred_fails").await;
+    let last = query_records(&events).pop().unwrap();
+    assert!(last.error.contains("23505"), "{}", last.error);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1432,8 +1432,10 @@ async fn on_server_frame(
                 } else if let Some(Expect::Query { done, .. }) = q.front_mut()
                     && let Some(last) = done.last_mut()
                 {
-                    // Every statement completed and the Query's implicit transaction failed
-                    // as it ended (a deferred constraint): the last statement carries it.
+                    // An error after every statement completed. The server commits a
+                    // Query's implicit transaction before completing its last statement, so
+                    // a failed commit is that statement's error; should one come later, the
+                    // last statement carries it.
                     last.error = Some(format!(
                         "{}: {} (as the query's implicit transaction ended)",
                         fields.code, fields.message
