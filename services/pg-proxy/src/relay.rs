@@ -1388,15 +1388,12 @@ async fn on_server_frame(
             };
             st.cells = None;
             let rows = rows.unwrap_or(0);
-            let finished: Vec<OpRecord> = {
+            let finished = {
                 let mut q = ctx.expect.lock().map_err(|_| lock_err())?;
                 match q.front_mut() {
                     Some(Expect::Execute { .. }) => match q.pop_front() {
-                        Some(Expect::Execute { mut op, .. }) => {
-                            op.rows += rows;
-                            vec![*op]
-                        }
-                        _ => Vec::new(),
+                        Some(Expect::Execute { op, .. }) => Some(op),
+                        _ => None,
                     },
                     // A Query completes statement by statement, each its own record, made
                     // at ReadyForQuery (see `Expect::Query`).
@@ -1405,13 +1402,14 @@ async fn on_server_frame(
                             op.rows += rows;
                             done.push(op);
                         }
-                        Vec::new()
+                        None
                     }
-                    _ => Vec::new(),
+                    _ => None,
                 }
             };
-            for op in finished {
-                record(ctx, op, "ok").await?;
+            if let Some(mut op) = finished {
+                op.rows += rows;
+                record(ctx, *op, "ok").await?;
             }
         }
         b'E' => {
