@@ -531,28 +531,21 @@ async fn statements_a_failed_query_rolled_back_are_recorded_so() {
         &["agents", "writers"],
         Duration::from_secs(600),
     );
+    let write = |args: &[&str]| s.psql(&token, "write", args);
     let count = |ids: &str| {
-        let out = s.psql(
-            &token,
-            "write",
-            &[
-                "-c",
-                &format!("SELECT count(*) FROM scratch WHERE id IN ({ids})"),
-            ],
-        );
+        let out = write(&[
+            "-c",
+            &format!("SELECT count(*) FROM scratch WHERE id IN ({ids})"),
+        ]);
         assert!(out.status.success(), "{}", err(&out));
         text(&out).trim().to_owned()
     };
 
     // Idle session: the Query is one implicit transaction; the failure undoes the INSERT.
-    let out = s.psql(
-        &token,
-        "write",
-        &[
-            "-c",
-            "INSERT INTO scratch VALUES (501, 'implicit'); SELECT 1/0 AS implicit_fails",
-        ],
-    );
+    let out = write(&[
+        "-c",
+        "INSERT INTO scratch VALUES (501, 'implicit'); SELECT 1/0 AS implicit_fails",
+    ]);
     assert!(err(&out).contains("division by zero"), "{}", err(&out));
     assert_eq!(count("501"), "0");
     assert_eq!(
@@ -562,14 +555,10 @@ async fn statements_a_failed_query_rolled_back_are_recorded_so() {
 
     // A COMMIT inside the Query settles what came before it; only what follows is undone
     // (the example of PostgreSQL's protocol documentation).
-    let out = s.psql(
-        &token,
-        "write",
-        &[
-            "-c",
-            "INSERT INTO scratch VALUES (502, 'kept'); COMMIT; INSERT INTO scratch VALUES (503, 'undone'); SELECT 1/0 AS commit_then_fails",
-        ],
-    );
+    let out = write(&[
+        "-c",
+        "INSERT INTO scratch VALUES (502, 'kept'); COMMIT; INSERT INTO scratch VALUES (503, 'undone'); SELECT 1/0 AS commit_then_fails",
+    ]);
     assert!(err(&out).contains("division by zero"), "{}", err(&out));
     assert_eq!(count("502"), "1");
     assert_eq!(count("503"), "0");
@@ -580,16 +569,12 @@ async fn statements_a_failed_query_rolled_back_are_recorded_so() {
 
     // Inside an explicit block the failure aborts the block and undoes nothing yet: the
     // INSERT stays `ok`, and what ends the block is recorded as its own statement.
-    let out = s.psql(
-        &token,
-        "write",
-        &[
-            "-c",
-            "BEGIN",
-            "-c",
-            "INSERT INTO scratch VALUES (504, 'in block'); SELECT 1/0 AS in_block_fails",
-        ],
-    );
+    let out = write(&[
+        "-c",
+        "BEGIN",
+        "-c",
+        "INSERT INTO scratch VALUES (504, 'in block'); SELECT 1/0 AS in_block_fails",
+    ]);
     assert!(err(&out).contains("division by zero"), "{}", err(&out));
     assert_eq!(
         statuses_of_query_with(&s, "in_block_fails").await,
@@ -600,23 +585,15 @@ async fn statements_a_failed_query_rolled_back_are_recorded_so() {
     // A deferred constraint fails as the implicit transaction ends: the server commits before
     // it completes the last statement, so the last statement fails, and the others were
     // undone with it.
-    let out = s.psql(
-        &token,
-        "write",
-        &[
-            "-c",
-            "CREATE TABLE deferred_once (id int UNIQUE DEFERRABLE INITIALLY DEFERRED)",
-        ],
-    );
+    let out = write(&[
+        "-c",
+        "CREATE TABLE deferred_once (id int UNIQUE DEFERRABLE INITIALLY DEFERRED)",
+    ]);
     assert!(out.status.success(), "{}", err(&out));
-    let out = s.psql(
-        &token,
-        "write",
-        &[
-            "-c",
-            "INSERT INTO deferred_once VALUES (1); INSERT INTO deferred_once VALUES (1); SELECT 'deferred_fails'",
-        ],
-    );
+    let out = write(&[
+        "-c",
+        "INSERT INTO deferred_once VALUES (1); INSERT INTO deferred_once VALUES (1); SELECT 'deferred_fails'",
+    ]);
     assert!(err(&out).contains("duplicate key"), "{}", err(&out));
     let ops = query_records(&s.events_of_session_with("deferred_fails").await);
     let statuses: Vec<&str> = ops.iter().map(|o| o.status.as_str()).collect();
