@@ -5,6 +5,7 @@
 //! change commits, the service publishes it to local watchers, records it in the audit log
 //! (durable before the call returns) and queues webhook notifications (never waited for).
 
+use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
@@ -480,7 +481,9 @@ fn matches(r: &ApprovalRequest, f: &Filter, watched: State) -> bool {
 }
 
 /// Follows every request matching a filter: a snapshot, then every matching change. After
-/// a resync the snapshot is sent again (watchers deduplicate by id and version).
+/// a resync the snapshot is sent again. A change the snapshot already shows (it landed
+/// between the subscription and the read) is not sent twice: the versions the snapshot sent
+/// are remembered until a newer version of each arrives.
 async fn watch_filter(
     s: Arc<Inner>,
     caller: Principal,
@@ -491,10 +494,13 @@ async fn watch_filter(
     tx: Tx,
 ) {
     let mut snapshot = Some(first);
+    let mut in_snapshot: HashMap<String, u64> = HashMap::new();
     loop {
         if let Some(list) = snapshot.take() {
+            in_snapshot.clear();
             // Oldest first, as they happened.
             for r in list.into_iter().rev() {
+                in_snapshot.insert(r.id.clone(), r.version);
                 if tx.send(Ok(r)).await.is_err() {
                     return;
                 }
@@ -503,7 +509,12 @@ async fn watch_filter(
         tokio::select! {
             ev = events.recv() => match ev {
                 Ok(Event::Changed(r)) => {
-                    if matches(&r, &f, watched)
+                    let sent = in_snapshot.get(&r.id).is_some_and(|v| *v >= r.version);
+                    if !sent {
+                        in_snapshot.remove(&r.id);
+                    }
+                    if !sent
+                        && matches(&r, &f, watched)
                         && model::may_see(&r, &caller, &s.policy)
                         && tx.send(Ok((*r).clone())).await.is_err()
                     {
