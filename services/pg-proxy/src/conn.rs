@@ -424,8 +424,8 @@ async fn run_session(
         return;
     }
     let catalog = shared.catalog(&session.connection().name, &target);
-    let (client_r, client_w) = tokio::io::split(stream);
-    let (up_r, up_w) = tokio::io::split(up.stream);
+    let (client_r, client_w) = stream.split();
+    let (up_r, up_w) = up.stream.split();
     let client_w = Arc::new(tokio::sync::Mutex::new(client_w));
     let ctx = Context::new(
         session.clone(),

@@ -20,11 +20,11 @@ use agentgate_proto::common::v1::{Decision, Operation, Protocol};
 use agentgate_session::{EndReason, OperationEvent, Session};
 use agentgate_sql_classify::{Classification, Classifier, PreparedStatements};
 use bytes::BytesMut;
-use tokio::io::{AsyncWriteExt, ReadHalf, WriteHalf};
+use tokio::io::AsyncWriteExt;
 
 use crate::catalog::Catalog;
 use crate::ops::{Denial, OpRecord};
-use crate::stream::Stream;
+use crate::stream::{ReadHalf, WriteHalf};
 
 /// Most answers the proxy waits for at once on one connection: a client pipelining more
 /// than this without reading is refused rather than letting the queue grow without bound.
@@ -69,7 +69,7 @@ enum Expect {
 }
 
 /// The agent's connection, written by both tasks.
-pub type ClientWriter = Arc<tokio::sync::Mutex<WriteHalf<Stream>>>;
+pub type ClientWriter = Arc<tokio::sync::Mutex<WriteHalf>>;
 
 /// What both tasks of one session share.
 pub struct Context {
@@ -215,8 +215,8 @@ struct Prepared {
 /// Reads the agent's messages until the session ends.
 pub async fn agent_to_upstream(
     ctx: Arc<Context>,
-    client: ReadHalf<Stream>,
-    mut upstream: WriteHalf<Stream>,
+    client: ReadHalf,
+    mut upstream: WriteHalf,
 ) -> Stop {
     let mut reader = FrameReader::new(client, FrameCodec::new(ctx.max_message));
     let mut out = BytesMut::with_capacity(16 * 1024);
@@ -266,7 +266,7 @@ pub async fn agent_to_upstream(
     }
 }
 
-async fn write_upstream(up: &mut WriteHalf<Stream>, out: &mut BytesMut) -> std::io::Result<()> {
+async fn write_upstream(up: &mut WriteHalf, out: &mut BytesMut) -> std::io::Result<()> {
     up.write_all(out).await?;
     up.flush().await?;
     out.clear();
@@ -403,7 +403,7 @@ fn refusal(op: &OpRecord) -> Frame {
 async fn decide(
     ctx: &Context,
     op: &mut OpRecord,
-    upstream: &mut WriteHalf<Stream>,
+    upstream: &mut WriteHalf,
     out: &mut BytesMut,
 ) -> Result<(), Stop> {
     if op.decision != Decision::NeedsApproval {
@@ -460,7 +460,7 @@ async fn on_agent_frame(
     ctx: &Context,
     frame: Frame,
     out: &mut BytesMut,
-    upstream: &mut WriteHalf<Stream>,
+    upstream: &mut WriteHalf,
     prepared: &mut Prepared,
     denials: &mut DenialMarkers,
 ) -> Result<Flow, Stop> {
@@ -717,7 +717,7 @@ struct Shapes {
 }
 
 /// Relays the server's messages until the session ends.
-pub async fn upstream_to_agent(ctx: Arc<Context>, upstream: ReadHalf<Stream>) -> Stop {
+pub async fn upstream_to_agent(ctx: Arc<Context>, upstream: ReadHalf) -> Stop {
     let mut reader = FrameReader::new(upstream, FrameCodec::new(1024 * 1024 * 1024));
     let mut out = BytesMut::with_capacity(64 * 1024);
     let masker = ctx.session.masker().clone();

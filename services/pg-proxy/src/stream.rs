@@ -68,3 +68,77 @@ impl AsyncWrite for Stream {
         }
     }
 }
+
+/// The reading side of a [`Stream`]. A plain socket splits into halves that own one
+/// direction each, so the two relay tasks never wait on each other; a TLS session's state
+/// serves both directions, so its halves share it behind tokio's lock.
+pub enum ReadHalf {
+    /// Plain TCP: lock-free.
+    Plain(tokio::net::tcp::OwnedReadHalf),
+    /// TLS: shared with the writing half.
+    Tls(tokio::io::ReadHalf<Stream>),
+}
+
+/// The writing side of a [`Stream`]; see [`ReadHalf`].
+pub enum WriteHalf {
+    /// Plain TCP: lock-free.
+    Plain(tokio::net::tcp::OwnedWriteHalf),
+    /// TLS: shared with the reading half.
+    Tls(tokio::io::WriteHalf<Stream>),
+}
+
+impl Stream {
+    /// Splits the connection for the two directions of the relay.
+    pub fn split(self) -> (ReadHalf, WriteHalf) {
+        match self {
+            Stream::Plain(s) => {
+                let (r, w) = s.into_split();
+                (ReadHalf::Plain(r), WriteHalf::Plain(w))
+            }
+            tls => {
+                let (r, w) = tokio::io::split(tls);
+                (ReadHalf::Tls(r), WriteHalf::Tls(w))
+            }
+        }
+    }
+}
+
+impl AsyncRead for ReadHalf {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            ReadHalf::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            ReadHalf::Tls(s) => Pin::new(s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for WriteHalf {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            WriteHalf::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            WriteHalf::Tls(s) => Pin::new(s).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            WriteHalf::Plain(s) => Pin::new(s).poll_flush(cx),
+            WriteHalf::Tls(s) => Pin::new(s).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            WriteHalf::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            WriteHalf::Tls(s) => Pin::new(s).poll_shutdown(cx),
+        }
+    }
+}
