@@ -23,50 +23,70 @@ impl Stream {
     pub fn is_tls(&self) -> bool {
         !matches!(self, Stream::Plain(_))
     }
-}
 
-impl AsyncRead for Stream {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
-            Stream::ServerTls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
-            Stream::ClientTls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+    /// Splits the connection for the two directions of the relay.
+    pub fn split(self) -> (ReadHalf, WriteHalf) {
+        match self {
+            Stream::Plain(s) => {
+                let (r, w) = s.into_split();
+                (ReadHalf::Plain(r), WriteHalf::Plain(w))
+            }
+            tls => {
+                let (r, w) = tokio::io::split(tls);
+                (ReadHalf::Tls(r), WriteHalf::Tls(w))
+            }
         }
     }
 }
 
-impl AsyncWrite for Stream {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            Stream::Plain(s) => Pin::new(s).poll_write(cx, buf),
-            Stream::ServerTls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
-            Stream::ClientTls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+/// `match` on every variant of a one-field enum, binding the field as `$s` in `$body`: the
+/// stream types here only pass each call on to whichever socket they hold.
+macro_rules! each_variant {
+    ($value:expr, $enum:ident { $($variant:ident),+ }, $s:ident => $body:expr) => {
+        match $value {
+            $($enum::$variant($s) => $body,)+
         }
-    }
+    };
+}
 
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Stream::Plain(s) => Pin::new(s).poll_flush(cx),
-            Stream::ServerTls(s) => Pin::new(s.as_mut()).poll_flush(cx),
-            Stream::ClientTls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+/// Implements tokio's `AsyncRead` for an enum of streams by passing each call on to the
+/// variant's stream.
+macro_rules! pass_read_through {
+    ($enum:ident { $($variant:ident),+ }) => {
+        impl AsyncRead for $enum {
+            fn poll_read(
+                self: Pin<&mut Self>,
+                cx: &mut Context<'_>,
+                buf: &mut ReadBuf<'_>,
+            ) -> Poll<io::Result<()>> {
+                each_variant!(self.get_mut(), $enum { $($variant),+ }, s => Pin::new(s).poll_read(cx, buf))
+            }
         }
-    }
+    };
+}
 
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Stream::Plain(s) => Pin::new(s).poll_shutdown(cx),
-            Stream::ServerTls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
-            Stream::ClientTls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+/// Implements tokio's `AsyncWrite` for an enum of streams, as [`pass_read_through`] does
+/// `AsyncRead`.
+macro_rules! pass_write_through {
+    ($enum:ident { $($variant:ident),+ }) => {
+        impl AsyncWrite for $enum {
+            fn poll_write(
+                self: Pin<&mut Self>,
+                cx: &mut Context<'_>,
+                buf: &[u8],
+            ) -> Poll<io::Result<usize>> {
+                each_variant!(self.get_mut(), $enum { $($variant),+ }, s => Pin::new(s).poll_write(cx, buf))
+            }
+
+            fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+                each_variant!(self.get_mut(), $enum { $($variant),+ }, s => Pin::new(s).poll_flush(cx))
+            }
+
+            fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+                each_variant!(self.get_mut(), $enum { $($variant),+ }, s => Pin::new(s).poll_shutdown(cx))
+            }
         }
-    }
+    };
 }
 
 /// The reading side of a [`Stream`]. A plain socket splits into halves that own one
@@ -87,58 +107,15 @@ pub enum WriteHalf {
     Tls(tokio::io::WriteHalf<Stream>),
 }
 
-impl Stream {
-    /// Splits the connection for the two directions of the relay.
-    pub fn split(self) -> (ReadHalf, WriteHalf) {
-        match self {
-            Stream::Plain(s) => {
-                let (r, w) = s.into_split();
-                (ReadHalf::Plain(r), WriteHalf::Plain(w))
-            }
-            tls => {
-                let (r, w) = tokio::io::split(tls);
-                (ReadHalf::Tls(r), WriteHalf::Tls(w))
-            }
-        }
-    }
-}
-
-impl AsyncRead for ReadHalf {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            ReadHalf::Plain(s) => Pin::new(s).poll_read(cx, buf),
-            ReadHalf::Tls(s) => Pin::new(s).poll_read(cx, buf),
-        }
-    }
-}
-
-impl AsyncWrite for WriteHalf {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            WriteHalf::Plain(s) => Pin::new(s).poll_write(cx, buf),
-            WriteHalf::Tls(s) => Pin::new(s).poll_write(cx, buf),
-        }
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            WriteHalf::Plain(s) => Pin::new(s).poll_flush(cx),
-            WriteHalf::Tls(s) => Pin::new(s).poll_flush(cx),
-        }
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            WriteHalf::Plain(s) => Pin::new(s).poll_shutdown(cx),
-            WriteHalf::Tls(s) => Pin::new(s).poll_shutdown(cx),
-        }
-    }
-}
+pass_read_through!(Stream {
+    Plain,
+    ServerTls,
+    ClientTls
+});
+pass_write_through!(Stream {
+    Plain,
+    ServerTls,
+    ClientTls
+});
+pass_read_through!(ReadHalf { Plain, Tls });
+pass_write_through!(WriteHalf { Plain, Tls });
