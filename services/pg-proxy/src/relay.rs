@@ -122,6 +122,12 @@ impl Context {
         Ok(())
     }
 
+    /// Works on the statement held for approval. Every change under this lock is a plain
+    /// assignment, so a poisoned lock is still consistent.
+    fn with_held(&self, f: impl FnOnce(&mut Option<OpRecord>)) {
+        f(&mut self.held.lock().unwrap_or_else(|e| e.into_inner()));
+    }
+
     async fn write_client(&self, bytes: &[u8]) -> std::io::Result<()> {
         let mut w = self.client.lock().await;
         w.write_all(bytes).await?;
@@ -418,16 +424,11 @@ async fn decide(
     }
     let decision = ctx.session.decide(&op.operation);
     let client = ctx.client.clone();
-    let held = |f: &mut dyn FnMut(&mut Option<OpRecord>)| {
-        if let Ok(mut h) = ctx.held.lock() {
-            f(&mut h);
-        }
-    };
-    held(&mut |h| *h = Some(op.clone()));
+    ctx.with_held(|h| *h = Some(op.clone()));
     let outcome = ctx
         .session
         .hold_for_approval(&op.operation, &decision, "", |pending| {
-            held(&mut |h| {
+            ctx.with_held(|h| {
                 if let Some(h) = h {
                     h.approval_id = Some(pending.id.clone());
                 }
@@ -449,7 +450,7 @@ async fn decide(
         // Still held: recorded with what the server never answered.
         return Err(Stop::quiet(reason));
     }
-    held(&mut |h| *h = None);
+    ctx.with_held(|h| *h = None);
     op.approval_id = outcome.approval_id().map(str::to_owned);
     op.decision = outcome.decision();
     op.reason = outcome.message();
@@ -1636,7 +1637,8 @@ pub async fn record_unanswered(ctx: &Context, why: &str) {
             _ => {}
         }
     }
-    let held = ctx.held.lock().ok().and_then(|mut h| h.take());
+    let mut held = None;
+    ctx.with_held(|h| held = h.take());
     for (mut op, completed) in unanswered {
         let status = if op.error.is_some() {
             "error"
