@@ -214,6 +214,16 @@ impl Recorder {
         })
     }
 
+    /// Like [`Recorder::queue_templated`] for the rest of the event already encoded (by a
+    /// caller that encodes its events from borrowed fields instead of an `AuditEvent`).
+    pub fn queue_templated_encoded(
+        &self,
+        template: &EventTemplate,
+        rest: &[u8],
+    ) -> Result<Ticket, RecorderError> {
+        self.spool.queue(&[&template.0, rest])
+    }
+
     /// Like [`Recorder::queue_event`] for an event already encoded, given as parts whose
     /// concatenation is one encoded `AuditEvent`.
     pub fn queue_encoded(&self, parts: &[&[u8]]) -> Result<Ticket, RecorderError> {

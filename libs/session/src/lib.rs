@@ -93,6 +93,7 @@
 
 mod approval;
 mod control;
+mod encode;
 mod gateway;
 mod masking;
 mod message;

@@ -20,6 +20,8 @@ use agentgate_proto::audit::v1::AuditEvent;
 use agentgate_proto::audit::v1::audit_event::Detail;
 use agentgate_recorder::{EventTemplate, Recorder, RecorderError, Ticket};
 
+use crate::OperationEvent;
+use crate::encode::OperationFields;
 use crate::session::RecordError;
 
 /// An event of the session before the writer numbers it.
@@ -42,6 +44,9 @@ pub(crate) struct Writer {
 #[derive(Default)]
 struct State {
     next_sequence: u64,
+    /// Reused buffers for encoding operations (see [`crate::encode`]).
+    encoded: Vec<u8>,
+    nested: Vec<u8>,
     /// Queued events not yet confirmed durable: the first and the last.
     unconfirmed: Option<(Ticket, Ticket)>,
     failure: Option<String>,
@@ -108,7 +113,49 @@ impl Writer {
             attributes,
             ..Default::default()
         };
-        match self.recorder.queue_templated(&self.template, &event) {
+        let queued = self.recorder.queue_templated(&self.template, &event);
+        self.queued(&mut state, queued)
+    }
+
+    /// Numbers and queues one operation's event, encoded from `event` itself (see
+    /// [`crate::encode`]); `extra` are the session's own attributes. Waits only while the
+    /// spool's queue is full.
+    pub(crate) async fn record_operation(
+        &self,
+        kind: &str,
+        event: &OperationEvent,
+        extra: &[(&str, &str)],
+    ) -> Result<(), RecordError> {
+        if let Err(e) = self.recorder.reserve().await {
+            return Err(self.failed(&mut self.state(), &e));
+        }
+        let time = crate::to_timestamp(std::time::SystemTime::now());
+        let mut state = self.state();
+        if let Some(f) = &state.failure {
+            return Err(RecordError::Spool(f.clone()));
+        }
+        let state = &mut *state;
+        state.encoded.clear();
+        OperationFields {
+            sequence: state.next_sequence,
+            time: &time,
+            kind,
+            event,
+            extra,
+        }
+        .encode(&mut state.encoded, &mut state.nested);
+        let queued = self
+            .recorder
+            .queue_templated_encoded(&self.template, &state.encoded);
+        self.queued(state, queued)
+    }
+
+    fn queued(
+        &self,
+        state: &mut State,
+        queued: Result<Ticket, RecorderError>,
+    ) -> Result<(), RecordError> {
+        match queued {
             Ok(ticket) => {
                 state.next_sequence += 1;
                 state.unconfirmed = Some(match state.unconfirmed {
@@ -117,7 +164,7 @@ impl Writer {
                 });
                 Ok(())
             }
-            Err(e) => Err(self.failed(&mut state, &e)),
+            Err(e) => Err(self.failed(state, &e)),
         }
     }
 

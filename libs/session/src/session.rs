@@ -9,10 +9,10 @@ use std::time::{Duration, SystemTime};
 
 use agentgate_masking::{MaskReport, Masker};
 use agentgate_policy::LocalDecision;
+use agentgate_proto::audit::v1::SessionEnded;
 use agentgate_proto::audit::v1::audit_event::Detail;
-use agentgate_proto::audit::v1::{OperationRecord, SessionEnded};
 use agentgate_proto::authz::v1::{Connection, Grant, SessionPolicy, UpstreamIdentity};
-use agentgate_proto::common::v1::{Decision, MaskingCount, Operation, Principal, Protocol};
+use agentgate_proto::common::v1::{Decision, Operation, Principal, Protocol};
 
 use crate::gateway::{CLOSE_TIMEOUT, EndSignal, GatewayInner};
 use crate::message::EndReason;
@@ -108,8 +108,9 @@ impl std::fmt::Debug for UpstreamCredential {
 /// protocol knows and leave the rest at its default.
 #[derive(Debug, Clone)]
 pub struct OperationEvent {
-    /// The operation as classified: text, action, targets, risk classes, attributes.
-    pub operation: Operation,
+    /// The operation as classified: text, action, targets, risk classes, attributes. Shared,
+    /// so a statement run many times (a prepared statement) is not copied per run.
+    pub operation: Arc<Operation>,
     /// The decision that applied (after approval, if one was held).
     pub decision: Decision,
     /// Why, in one line (the policy's reason, or the reviewer's).
@@ -144,9 +145,9 @@ pub struct OperationEvent {
 
 impl OperationEvent {
     /// An event for `operation` decided by `decision`, started now.
-    pub fn new(operation: Operation, decision: &LocalDecision) -> OperationEvent {
+    pub fn new(operation: impl Into<Arc<Operation>>, decision: &LocalDecision) -> OperationEvent {
         OperationEvent {
-            operation,
+            operation: operation.into(),
             decision: decision.decision,
             reason: decision.reason.clone(),
             rule: decision.rule.as_ref().map(|r| r.risk_class.clone()),
@@ -359,53 +360,27 @@ impl Session {
     /// dropped event. If the spool fails, the session ends with
     /// [`EndReason::RecordingFailed`].
     pub async fn record_operation(&self, event: OperationEvent) -> Result<(), RecordError> {
-        let OperationEvent {
-            operation,
-            decision,
-            reason,
-            rule,
-            approval_id,
-            parameters,
-            started_at,
-            duration,
-            rows,
-            bytes,
-            status,
-            error,
-            masked,
-            kind,
-            mut attributes,
-        } = event;
-        if let Some(rule) = rule {
-            attributes.insert("decided_by".to_owned(), rule);
+        if self.shared.closed.load(Ordering::Acquire) {
+            return Err(RecordError::Closed);
         }
-        if !self.shared.policy.version.is_empty() {
-            attributes
-                .entry("policy_version".to_owned())
-                .or_insert_with(|| self.shared.policy.version.clone());
+        let kind = event
+            .kind
+            .as_deref()
+            .unwrap_or_else(|| operation_kind(self.shared.gateway.protocol));
+        let mut extra: [(&str, &str); 2] = [("", ""); 2];
+        let mut n = 0;
+        if let Some(rule) = &event.rule {
+            extra[n] = ("decided_by", rule);
+            n += 1;
         }
-        let record = OperationRecord {
-            operation: Some(operation),
-            decision: decision as i32,
-            reason,
-            approval_id,
-            parameters,
-            started_at: Some(to_timestamp(started_at)),
-            duration_us: u64::try_from(duration.as_micros()).unwrap_or(u64::MAX),
-            rows,
-            bytes,
-            error,
-            masked: masked
-                .iter()
-                .map(|(rule, count)| MaskingCount {
-                    rule: rule.to_owned(),
-                    count,
-                })
-                .collect(),
-            status,
-        };
-        let kind = kind.unwrap_or_else(|| operation_kind(self.shared.gateway.protocol).to_owned());
-        self.record_event(&kind, Some(Detail::Operation(record)), attributes)
+        let version = &self.shared.policy.version;
+        if !version.is_empty() && !event.attributes.contains_key("policy_version") {
+            extra[n] = ("policy_version", version);
+            n += 1;
+        }
+        self.shared
+            .events
+            .record_operation(kind, &event, &extra[..n])
             .await?;
         self.shared.operations.fetch_add(1, Ordering::Relaxed);
         Ok(())

@@ -469,6 +469,14 @@ async fn open_decide_mask_record_close_lands_in_the_store_in_order() {
         other => panic!("operation detail: {other:?}"),
     }
     assert_eq!(events[1].attributes["decided_by"], "sql.read");
+    // Every operation names the policy that decided it.
+    assert_eq!(
+        events[1].attributes.get("policy_version"),
+        Some(&session.policy().version),
+        "{:?}",
+        events[1].attributes
+    );
+    assert!(!session.policy().version.is_empty());
     match &events[2].detail {
         Some(Detail::Operation(o)) => {
             assert_eq!(o.decision, Decision::Deny as i32);

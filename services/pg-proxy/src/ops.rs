@@ -1,6 +1,7 @@
 //! One statement as the proxy sees it: classified, decided, then completed by the server's
 //! answer; recorded when it ends.
 
+use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
 use agentgate_proto::common::v1::{Decision, Operation};
@@ -8,8 +9,9 @@ use agentgate_proto::common::v1::{Decision, Operation};
 /// A statement in flight, from the moment the agent sent it to the server's answer.
 #[derive(Debug, Clone)]
 pub struct OpRecord {
-    /// The operation as classified (text, targets, risk classes, command).
-    pub operation: Operation,
+    /// The operation as classified (text, targets, risk classes, command); shared with the
+    /// prepared statement it runs, if any.
+    pub operation: Arc<Operation>,
     /// What policy decided, after any approval.
     pub decision: Decision,
     /// Why (policy reason, approval outcome).
@@ -56,9 +58,13 @@ pub struct Denial {
 
 impl OpRecord {
     /// A statement the agent just sent.
-    pub fn new(operation: Operation, decision: Decision, reason: String) -> OpRecord {
+    pub fn new(
+        operation: impl Into<Arc<Operation>>,
+        decision: Decision,
+        reason: String,
+    ) -> OpRecord {
         OpRecord {
-            operation,
+            operation: operation.into(),
             decision,
             reason,
             approval_id: None,

@@ -179,7 +179,7 @@ impl From<EndReason> for Stop {
 /// for its life, so the decision cannot change).
 struct PreparedStatement {
     sql: Arc<str>,
-    operation: Operation,
+    operation: Arc<Operation>,
     decision: Decision,
     reason: String,
     copy_source: Option<String>,
@@ -200,7 +200,7 @@ impl PreparedStatement {
         };
         PreparedStatement {
             sql: Arc::from(sql),
-            operation,
+            operation: Arc::new(operation),
             decision,
             reason,
             copy_source,
@@ -1669,21 +1669,23 @@ pub async fn record_unanswered(ctx: &Context, why: &str) {
 }
 
 async fn record(ctx: &Context, op: OpRecord, status: &str) -> Result<(), Stop> {
-    let decision = agentgate_policy::LocalDecision {
+    let event = OperationEvent {
+        operation: op.operation,
         decision: op.decision,
+        reason: op.reason,
         rule: None,
-        reason: op.reason.clone(),
+        approval_id: op.approval_id.unwrap_or_default(),
+        parameters: op.parameters,
+        started_at: op.started_at,
+        duration: op.started.elapsed(),
+        rows: op.rows,
+        bytes: op.bytes,
+        status: status.to_owned(),
+        error: op.error.unwrap_or_default(),
+        masked: op.masked,
+        kind: None,
+        attributes: HashMap::new(),
     };
-    let mut event = OperationEvent::new(op.operation, &decision);
-    event.approval_id = op.approval_id.unwrap_or_default();
-    event.parameters = op.parameters;
-    event.started_at = op.started_at;
-    event.duration = op.started.elapsed();
-    event.rows = op.rows;
-    event.bytes = op.bytes;
-    event.status = status.to_owned();
-    event.error = op.error.unwrap_or_default();
-    event.masked = op.masked;
     ctx.session
         .record_operation(event)
         .await
