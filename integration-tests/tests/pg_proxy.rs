@@ -887,13 +887,10 @@ async fn authz_unreachable_refuses_new_sessions() {
     lonely.shutdown().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn malformed_messages_get_08p01_and_other_sessions_go_on() {
-    let s = Stack::start().await;
-    let token = s.token("agent:reader", &["agents"], Duration::from_secs(600));
-    // A raw client: logs in properly, then sends a Query whose length lies, and one with a
-    // huge declared length.
-    let script = r#"
+/// A raw protocol client in Python, logged in as role `read` through the proxy
+/// (`argv`: port, token, mode), for what no driver sends: `msg(tag, body)` writes a message,
+/// `read_msg()` reads one (`(None, b"")` once the connection is closed).
+const RAW_CLIENT: &str = r#"
 import socket, struct, sys
 port, token, mode = int(sys.argv[1]), sys.argv[2], sys.argv[3]
 s = socket.create_connection(("127.0.0.1", port))
@@ -910,14 +907,25 @@ def read_msg():
     while len(body) < n - 4:
         body += s.recv(n - 4 - len(body))
     return tag, body
+def msg(tag, body):
+    s.sendall(tag + struct.pack("!i", 4 + len(body)) + body)
 tag, body = read_msg()
 assert tag == b"R", tag
-pw = token.encode() + b"\0"
-s.sendall(b"p" + struct.pack("!i", 4 + len(pw)) + pw)
+msg(b"p", token.encode() + b"\0")
 while True:
     tag, body = read_msg()
     if tag == b"Z": break
     assert tag is not None and tag != b"E", body
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_messages_get_08p01_and_other_sessions_go_on() {
+    let s = Stack::start().await;
+    let token = s.token("agent:reader", &["agents"], Duration::from_secs(600));
+    // A raw client: logs in properly, then sends a Query whose length lies, and one with a
+    // huge declared length.
+    let script = RAW_CLIENT.to_owned()
+        + r#"
 if mode == "lying":
     s.sendall(b"Q" + struct.pack("!i", 12) + b"select 1")  # no terminator, short body
     s.sendall(b"S" + struct.pack("!i", 4))
@@ -932,7 +940,13 @@ while True:
 "#;
     for mode in ["lying", "huge"] {
         let out = Command::new("python3")
-            .args(["-c", script, &s.proxy.addr.port().to_string(), &token, mode])
+            .args([
+                "-c",
+                &script,
+                &s.proxy.addr.port().to_string(),
+                &token,
+                mode,
+            ])
             .output()
             .unwrap();
         let o = text(&out);
@@ -945,6 +959,93 @@ while True:
     }
     let out = s.psql(&token, "read", &["-c", "SELECT 1"]);
     assert!(out.status.success(), "{}", err(&out));
+}
+
+/// A portal runs the statement it was bound to, and a statement name denotes what the
+/// server holds under it, whatever the agent did to the name in between: closing the
+/// statement or preparing another under the unnamed name after the Bind, a Parse the server
+/// refused (the name exists) or skipped (an error earlier in its batch), a Close it skipped.
+/// Each sequence is sent in one go, without waiting for answers (pipelined), and ends with
+/// an unbounded DELETE bound under an innocent name: policy must see the DELETE.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_portal_is_decided_by_the_statement_the_server_runs() {
+    let s = Stack::start().await;
+    let token = s.token("agent:reader", &["agents"], Duration::from_secs(600));
+    psql_admin(
+        &s.pg,
+        "appdb",
+        "INSERT INTO scratch SELECT g, 'v' FROM generate_series(1, 5) g",
+    );
+    let script = RAW_CLIENT.to_owned()
+        + r#"
+syncs = 0
+def parse(name, sql): msg(b"P", name + b"\0" + sql + b"\0" + struct.pack("!h", 0))
+def bind(portal, name): msg(b"B", portal + b"\0" + name + b"\0" + struct.pack("!hhh", 0, 0, 0))
+def execute(portal): msg(b"E", portal + b"\0" + struct.pack("!i", 0))
+def close(name): msg(b"C", b"S" + name + b"\0")
+def sync():
+    global syncs
+    syncs += 1
+    msg(b"S", b"")
+delete, innocent = b"DELETE FROM scratch", b"SELECT 1"
+if mode == "closed after bind":
+    parse(b"s1", delete); bind(b"p1", b"s1"); close(b"s1"); execute(b"p1"); sync()
+elif mode == "unnamed prepared again after bind":
+    parse(b"", delete); bind(b"", b""); parse(b"", innocent); execute(b""); sync()
+elif mode == "refused parse":
+    parse(b"s1", delete); sync()
+    parse(b"s1", innocent); sync()  # the server refuses: s1 exists
+    bind(b"p1", b"s1"); execute(b"p1"); sync()
+elif mode == "skipped parse":
+    parse(b"", delete); sync()
+    bind(b"x", b"nope"); parse(b"", innocent); sync()  # the Bind fails, the Parse is skipped
+    bind(b"", b""); execute(b""); sync()
+elif mode == "skipped close":
+    parse(b"s1", delete); sync()
+    bind(b"x", b"nope"); close(b"s1"); sync()  # the Close is skipped: s1 stays
+    parse(b"s1", innocent); sync()  # refused: s1 exists
+    bind(b"p1", b"s1"); execute(b"p1"); sync()
+ready = 0
+while True:
+    tag, body = read_msg()
+    if tag is None:
+        print("closed"); break
+    if tag == b"N" and b"approv" in body:
+        print("held"); break
+    if tag == b"C":
+        print("completed", body.decode(errors="replace"))
+    if tag == b"Z":
+        ready += 1
+        if ready == syncs:
+            print("ready"); break
+"#;
+    for mode in [
+        "closed after bind",
+        "unnamed prepared again after bind",
+        "refused parse",
+        "skipped parse",
+        "skipped close",
+    ] {
+        let out = Command::new("python3")
+            .args([
+                "-c",
+                &script,
+                &s.proxy.addr.port().to_string(),
+                &token,
+                mode,
+            ])
+            .output()
+            .unwrap();
+        let o = text(&out);
+        assert!(out.status.success(), "{o}\n{}", err(&out));
+        assert_eq!(o, "held", "{mode}: the unbounded DELETE waits for approval");
+        let count = Command::new("psql")
+            .arg(s.pg.url("appdb"))
+            .args(["-X", "-A", "-t", "-c", "SELECT count(*) FROM scratch"])
+            .output()
+            .unwrap();
+        assert_eq!(text(&count), "5", "{mode}: nothing was deleted");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

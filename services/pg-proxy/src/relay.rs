@@ -34,20 +34,29 @@ const MAX_NAMED: usize = 10_000;
 
 /// What the server owes for a message the proxy forwarded.
 enum Expect {
-    /// ParseComplete; the statement's earlier shape no longer holds.
-    Parse(String),
-    /// BindComplete; then the portal exists with these result formats.
+    /// ParseComplete: the server now holds `statement` under `name`. `change` numbers the
+    /// message among those that change what a name denotes.
+    Parse {
+        change: u64,
+        name: String,
+        statement: Arc<PreparedStatement>,
+    },
+    /// BindComplete; then the portal exists, running statement `statement` (by id) with
+    /// these result formats.
     Bind {
         portal: String,
-        statement: String,
+        statement: u64,
         result_formats: Vec<i16>,
     },
-    /// ParameterDescription, then RowDescription or NoData.
-    DescribeStatement(String),
+    /// ParameterDescription, then RowDescription or NoData, for the statement of this id
+    /// (`None`: the proxy knows no statement of that name, nor will the server).
+    DescribeStatement(Option<u64>),
     /// RowDescription or NoData.
     DescribePortal(String),
-    /// CloseComplete; a closed statement's shape is forgotten.
-    Close(Option<String>),
+    /// CloseComplete for a statement: the server no longer holds one under `name`.
+    CloseStatement { change: u64, name: String },
+    /// CloseComplete for a portal.
+    ClosePortal,
     /// The rows and completion of one Execute; `sql` is its statement's text, to describe
     /// when the server has not.
     Execute {
@@ -86,6 +95,12 @@ pub struct Context {
     expect: Mutex<VecDeque<Expect>>,
     /// The statement waiting for approval, if any: recorded if the session ends meanwhile.
     held: Mutex<Option<OpRecord>>,
+    /// The server's prepared statements by name, as its answers (ParseComplete,
+    /// CloseComplete) confirmed them, in order. See [`Prepared::lookup`].
+    statements: Mutex<HashMap<String, Arc<PreparedStatement>>>,
+    /// Every name change up to this number has been answered (or skipped by an error).
+    settled: std::sync::atomic::AtomicU64,
+    settled_changed: tokio::sync::Notify,
 }
 
 impl Context {
@@ -105,6 +120,9 @@ impl Context {
             client,
             expect: Mutex::new(VecDeque::new()),
             held: Mutex::new(None),
+            statements: Mutex::new(HashMap::new()),
+            settled: std::sync::atomic::AtomicU64::new(0),
+            settled_changed: tokio::sync::Notify::new(),
         })
     }
 
@@ -120,6 +138,19 @@ impl Context {
         }
         q.push_back(e);
         Ok(())
+    }
+
+    /// The server's statements by name. Every change under this lock is one insert or
+    /// remove, so a poisoned lock is still consistent.
+    fn statements(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<PreparedStatement>>> {
+        self.statements.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The server answered (or skipped) every name change up to `change`.
+    fn settle(&self, change: u64) {
+        self.settled
+            .fetch_max(change, std::sync::atomic::Ordering::Release);
+        self.settled_changed.notify_waiters();
     }
 
     /// Works on the statement held for approval. Every change under this lock is a plain
@@ -178,6 +209,9 @@ impl From<EndReason> for Stop {
 /// decision, made once here and reused by every Execute of it (the session's policy is fixed
 /// for its life, so the decision cannot change).
 struct PreparedStatement {
+    /// Unique on the connection. The upstream side knows statements by id, not name: a
+    /// name can be prepared again while portals bound to the old statement still run it.
+    id: u64,
     sql: Arc<str>,
     operation: Arc<Operation>,
     decision: Decision,
@@ -186,7 +220,12 @@ struct PreparedStatement {
 }
 
 impl PreparedStatement {
-    fn new(ctx: &Context, sql: &str, classified: &Result<Arc<Classification>, String>) -> Self {
+    fn new(
+        ctx: &Context,
+        id: u64,
+        sql: &str,
+        classified: &Result<Arc<Classification>, String>,
+    ) -> Self {
         let (operation, decision, reason, copy_source) = match classified {
             Ok(c) => {
                 let operation = operation_for(sql, c);
@@ -199,6 +238,7 @@ impl PreparedStatement {
             }
         };
         PreparedStatement {
+            id,
             sql: Arc::from(sql),
             operation: Arc::new(operation),
             decision,
@@ -209,13 +249,94 @@ impl PreparedStatement {
 }
 
 /// Statements of one connection as the agent prepared them (Parse) and bound them (Bind).
+///
+/// What a statement name denotes on the server is known for sure only from the server's
+/// answers: a Parse can fail (a name that exists is not prepared again) or be skipped (an
+/// error earlier in its batch skips everything up to Sync), and a Close can be skipped.
+/// Within one batch (up to Sync) the proxy may assume the changes it forwarded took effect:
+/// had one failed, the server would skip the rest of the batch, the Bind that relies on it
+/// included. For a name last changed in an earlier batch it takes the server's confirmed
+/// state ([`Context::statements`]), waiting for the answers still due if need be.
 #[derive(Default)]
 struct Prepared {
     /// SQL-level PREPARE/EXECUTE, which the classifier resolves through.
     sql: PreparedStatements,
-    statements: HashMap<String, Arc<PreparedStatement>>,
-    /// portal → (statement name, masked parameters for the record)
-    portals: HashMap<String, (String, Vec<String>)>,
+    /// Names changed in the current batch: prepared (`Some`) or closed (`None`).
+    batch: HashMap<String, Option<Arc<PreparedStatement>>>,
+    /// Names changed in earlier batches whose change may still be unanswered, with the
+    /// number of their last change.
+    unsettled: HashMap<String, u64>,
+    portals: HashMap<String, Portal>,
+    /// The id of the last statement.
+    last_id: u64,
+    /// The number of the last name change.
+    last_change: u64,
+}
+
+impl Prepared {
+    fn next_id(&mut self) -> u64 {
+        self.last_id += 1;
+        self.last_id
+    }
+
+    /// Notes a change of `name` in this batch; returns its number.
+    fn change(&mut self, name: &str, to: Option<Arc<PreparedStatement>>) -> u64 {
+        self.last_change += 1;
+        self.batch.insert(name.to_owned(), to);
+        self.unsettled.insert(name.to_owned(), self.last_change);
+        self.last_change
+    }
+
+    /// A batch ended (Sync, or a simple Query).
+    fn end_batch(&mut self, ctx: &Context) {
+        self.batch.clear();
+        if self.unsettled.len() > 64 {
+            let settled = ctx.settled.load(std::sync::atomic::Ordering::Acquire);
+            self.unsettled.retain(|_, change| *change > settled);
+        }
+    }
+
+    /// The statement `name` denotes on the server for a message sent now (see the type's
+    /// doc). When its last change came in an earlier batch and is still unanswered, sends
+    /// what is queued in `out` and waits for the answer.
+    async fn lookup(
+        &mut self,
+        ctx: &Context,
+        name: &str,
+        upstream: &mut WriteHalf,
+        out: &mut BytesMut,
+    ) -> Result<Option<Arc<PreparedStatement>>, Stop> {
+        if let Some(changed) = self.batch.get(name) {
+            return Ok(changed.clone());
+        }
+        if let Some(&change) = self.unsettled.get(name) {
+            let settled = || ctx.settled.load(std::sync::atomic::Ordering::Acquire) >= change;
+            if !settled() && !out.is_empty() {
+                write_upstream(upstream, out)
+                    .await
+                    .map_err(|e| Stop::quiet(EndReason::Error(format!("upstream write: {e}"))))?;
+            }
+            loop {
+                let answered = ctx.settled_changed.notified();
+                if settled() {
+                    break;
+                }
+                answered.await;
+            }
+            self.unsettled.remove(name);
+        }
+        Ok(ctx.statements().get(name).cloned())
+    }
+}
+
+/// A portal as Bind made it. It runs the statement its Bind named, as that statement was
+/// then: closing the statement or preparing another under its name (the unnamed one is
+/// prepared again all the time) does not change what the portal runs on the server, so it
+/// must not change what the proxy decides for it either.
+struct Portal {
+    statement: Arc<PreparedStatement>,
+    /// Bind's parameters, masked for the record.
+    params: Vec<String>,
 }
 
 /// Reads the agent's messages until the session ends.
@@ -394,6 +515,19 @@ fn unparseable(sql: &str, why: &str) -> (Operation, Decision, String) {
     )
 }
 
+/// What a Bind of a name this connection never prepared with Parse runs: a statement a
+/// SQL `PREPARE` made (the server shares one namespace), decided as `EXECUTE` of it is;
+/// otherwise opaque code, decided as such (the server will most likely refuse the Bind).
+fn unknown_statement(ctx: &Context, prepared: &mut Prepared, name: &str) -> PreparedStatement {
+    let sql = format!("EXECUTE \"{}\"", name.replace('"', "\"\""));
+    let classified = prepared
+        .sql
+        .classify(&ctx.classifier, &sql)
+        .map_err(|e| e.to_string());
+    let id = prepared.next_id();
+    PreparedStatement::new(ctx, id, &sql, &classified)
+}
+
 /// The refusal the agent sees for a statement.
 fn refusal(op: &OpRecord) -> Frame {
     let code = if op.operation.action == "unparseable" {
@@ -470,6 +604,7 @@ async fn on_agent_frame(
             let query = Query::parse(&frame).map_err(|e| Stop::protocol(e.to_string()))?;
             // A simple Query drops the unnamed prepared statement on the server.
             prepared.sql.remove("");
+            prepared.end_batch(ctx);
             let mut copy_source = None;
             let mut classification = None;
             let (operation, decision, reason) =
@@ -526,16 +661,19 @@ async fn on_agent_frame(
                     prepared.sql.register(parse.name, c.clone());
                 }
             }
-            if prepared.statements.len() >= MAX_NAMED
-                && !prepared.statements.contains_key(parse.name)
-            {
+            if ctx.statements().len() + prepared.batch.len() >= MAX_NAMED {
                 return Err(Stop::protocol(format!(
                     "more than {MAX_NAMED} prepared statements on one connection"
                 )));
             }
-            let statement = Arc::new(PreparedStatement::new(ctx, parse.sql, &classified));
-            prepared.statements.insert(parse.name.to_owned(), statement);
-            ctx.push(Expect::Parse(parse.name.to_owned()))?;
+            let id = prepared.next_id();
+            let statement = Arc::new(PreparedStatement::new(ctx, id, parse.sql, &classified));
+            let change = prepared.change(parse.name, Some(statement.clone()));
+            ctx.push(Expect::Parse {
+                change,
+                name: parse.name.to_owned(),
+                statement,
+            })?;
             out.extend_from_slice(frame.raw());
         }
         b'B' => {
@@ -560,32 +698,36 @@ async fn on_agent_frame(
                     "more than {MAX_NAMED} portals on one connection"
                 )));
             }
-            prepared
-                .portals
-                .insert(bind.portal.to_owned(), (bind.statement.to_owned(), params));
+            let statement = match prepared.lookup(ctx, bind.statement, upstream, out).await? {
+                Some(s) => s,
+                None => Arc::new(unknown_statement(ctx, prepared, bind.statement)),
+            };
             ctx.push(Expect::Bind {
                 portal: bind.portal.to_owned(),
-                statement: bind.statement.to_owned(),
+                statement: statement.id,
                 result_formats: bind.result_formats.clone(),
             })?;
+            prepared
+                .portals
+                .insert(bind.portal.to_owned(), Portal { statement, params });
             out.extend_from_slice(frame.raw());
         }
         b'E' => {
             let execute = Execute::parse(&frame).map_err(|e| Stop::protocol(e.to_string()))?;
-            let (statement, params) = prepared
-                .portals
-                .get(execute.portal)
-                .cloned()
-                .unwrap_or_default();
-            let found = prepared.statements.get(&statement);
-            let sql = found.map(|p| p.sql.clone());
-            let mut op = match found {
-                Some(p) => {
+            let portal = prepared.portals.get(execute.portal);
+            let sql = portal.map(|p| p.statement.sql.clone());
+            let mut op = match portal {
+                Some(Portal {
+                    statement: p,
+                    params,
+                }) => {
                     let mut op = OpRecord::new(p.operation.clone(), p.decision, p.reason.clone());
                     op.copy_source = p.copy_source.clone();
+                    op.parameters = params.clone();
                     op
                 }
-                // No such portal: the server will say so; nothing runs.
+                // No portal bound on this connection: the server will say so, or (a cursor
+                // a DECLARE opened, decided then) send more of its rows.
                 None => OpRecord::new(
                     Operation {
                         protocol: Protocol::Postgres as i32,
@@ -596,7 +738,6 @@ async fn on_agent_frame(
                     "no statement to run".into(),
                 ),
             };
-            op.parameters = params;
             decide(ctx, &mut op, upstream, out).await?;
             if op.decision == Decision::Allow {
                 ctx.push(Expect::Execute {
@@ -623,29 +764,37 @@ async fn on_agent_frame(
         }
         b'D' => {
             let describe = Describe::parse(&frame).map_err(|e| Stop::protocol(e.to_string()))?;
-            ctx.push(match describe.target {
-                Target::Statement(s) => Expect::DescribeStatement(s.to_owned()),
+            let expect = match describe.target {
+                Target::Statement(s) => {
+                    let statement = prepared.lookup(ctx, s, upstream, out).await?;
+                    Expect::DescribeStatement(statement.map(|p| p.id))
+                }
                 Target::Portal(p) => Expect::DescribePortal(p.to_owned()),
-            })?;
+            };
+            ctx.push(expect)?;
             out.extend_from_slice(frame.raw());
         }
         b'C' => {
             let close = Close::parse(&frame).map_err(|e| Stop::protocol(e.to_string()))?;
-            let closed = match close.target {
+            let expect = match close.target {
                 Target::Statement(s) => {
-                    prepared.statements.remove(s);
                     prepared.sql.remove(s);
-                    Some(s.to_owned())
+                    let change = prepared.change(s, None);
+                    Expect::CloseStatement {
+                        change,
+                        name: s.to_owned(),
+                    }
                 }
                 Target::Portal(p) => {
                     prepared.portals.remove(p);
-                    None
+                    Expect::ClosePortal
                 }
             };
-            ctx.push(Expect::Close(closed))?;
+            ctx.push(expect)?;
             out.extend_from_slice(frame.raw());
         }
         b'S' => {
+            prepared.end_batch(ctx);
             ctx.push(Expect::Sync)?;
             out.extend_from_slice(frame.raw());
         }
@@ -708,13 +857,24 @@ enum Cell {
     Null(CellPlan),
 }
 
-/// Result shapes the server described, by statement and portal.
+/// Result shapes the server described, by statement (id) and portal.
 #[derive(Default)]
 struct Shapes {
-    statements: HashMap<String, Arc<Vec<FieldDescription>>>,
+    statements: HashMap<u64, Arc<Vec<FieldDescription>>>,
     portals: HashMap<String, Arc<Vec<FieldDescription>>>,
-    /// portal → (statement, result formats) from Bind.
-    bound: HashMap<String, (String, Vec<i16>)>,
+    /// portal → (statement id, result formats) from Bind.
+    bound: HashMap<String, (u64, Vec<i16>)>,
+}
+
+impl Shapes {
+    fn describe_statement(&mut self, id: u64, fields: Arc<Vec<FieldDescription>>) {
+        // Shapes of statements dropped while an error skipped their answers are not
+        // forgotten one by one; this bounds them.
+        if self.statements.len() >= MAX_NAMED && !self.statements.contains_key(&id) {
+            self.statements.clear();
+        }
+        self.statements.insert(id, fields);
+    }
 }
 
 /// Relays the server's messages until the session ends.
@@ -1316,10 +1476,11 @@ async fn on_server_frame(
             let described = {
                 let mut q = ctx.expect.lock().map_err(|_| lock_err())?;
                 match q.front() {
-                    Some(Expect::DescribeStatement(name)) => {
-                        let name = name.clone();
+                    Some(Expect::DescribeStatement(id)) => {
+                        if let Some(id) = *id {
+                            st.shapes.describe_statement(id, fields.clone());
+                        }
                         q.pop_front();
-                        st.shapes.statements.insert(name, fields.clone());
                         true
                     }
                     Some(Expect::DescribePortal(name)) => {
@@ -1327,10 +1488,8 @@ async fn on_server_frame(
                         q.pop_front();
                         // The portal's statement has this shape too, for later Executes
                         // that Bind it again without describing (JDBC does).
-                        if let Some((statement, _)) = st.shapes.bound.get(&name) {
-                            st.shapes
-                                .statements
-                                .insert(statement.clone(), fields.clone());
+                        if let Some(&(statement, _)) = st.shapes.bound.get(&name) {
+                            st.shapes.describe_statement(statement, fields.clone());
                         }
                         st.shapes.portals.insert(name, fields.clone());
                         true
@@ -1358,12 +1517,23 @@ async fn on_server_frame(
         }
         b't' => {}
         b'1' | b'3' => {
-            let mut q = ctx.expect.lock().map_err(|_| lock_err())?;
-            match q.pop_front() {
-                Some(Expect::Parse(name)) | Some(Expect::Close(Some(name))) => {
-                    st.shapes.statements.remove(&name);
+            let answered = ctx.expect.lock().map_err(|_| lock_err())?.pop_front();
+            let (change, replaced) = match answered {
+                Some(Expect::Parse {
+                    change,
+                    name,
+                    statement,
+                }) => (change, ctx.statements().insert(name, statement)),
+                Some(Expect::CloseStatement { change, name }) => {
+                    (change, ctx.statements().remove(&name))
                 }
-                _ => {}
+                _ => (0, None),
+            };
+            if let Some(old) = replaced {
+                st.shapes.statements.remove(&old.id);
+            }
+            if change > 0 {
+                ctx.settle(change);
             }
         }
         b'2' => {
@@ -1417,6 +1587,7 @@ async fn on_server_frame(
             let fields = ErrorFields::parse(&frame).unwrap_or_default();
             let mut replace: Option<Frame> = None;
             let mut finished: Vec<OpRecord> = Vec::new();
+            let mut skipped_change = 0;
             {
                 let mut q = ctx.expect.lock().map_err(|_| lock_err())?;
                 let simple = matches!(q.front(), Some(Expect::Query { .. }));
@@ -1460,10 +1631,18 @@ async fn on_server_frame(
                                 first = false;
                                 finished.push(*op);
                             }
+                            // Not done: what the name denotes stays as it was.
+                            Some(
+                                Expect::Parse { change, .. }
+                                | Expect::CloseStatement { change, .. },
+                            ) => skipped_change = change,
                             _ => {}
                         }
                     }
                 }
+            }
+            if skipped_change > 0 {
+                ctx.settle(skipped_change);
             }
             for op in finished {
                 let status = if op.skipped { "skipped" } else { "error" };
