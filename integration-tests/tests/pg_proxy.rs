@@ -1048,6 +1048,52 @@ while True:
     }
 }
 
+/// Rows are masked by the statement that produced them: the unnamed statement prepared
+/// again between a Bind and its Execute (described or not) does not lend its result shape
+/// to the portal's rows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rows_are_masked_by_the_statement_that_produced_them() {
+    let s = Stack::start().await;
+    let token = s.token("agent:reader", &["agents"], Duration::from_secs(600));
+    let script = RAW_CLIENT.to_owned()
+        + r#"
+def parse(name, sql): msg(b"P", name + b"\0" + sql + b"\0" + struct.pack("!h", 0))
+def describe(name): msg(b"D", b"S" + name + b"\0")
+secret, innocent = b"SELECT email FROM customers WHERE id = 1", b"SELECT 'a'::text AS email"
+parse(b"", secret)
+if mode == "described": describe(b"")
+msg(b"B", b"\0\0" + struct.pack("!hhh", 0, 0, 0))
+parse(b"", innocent)
+if mode == "described": describe(b"")
+msg(b"E", b"\0" + struct.pack("!i", 0))
+msg(b"S", b"")
+while True:
+    tag, body = read_msg()
+    if tag is None or tag == b"Z": break
+    if tag == b"D":
+        n = struct.unpack("!i", body[2:6])[0]
+        print("row", body[6:6 + n].decode(errors="replace"))
+    if tag == b"E":
+        print("error", body.decode(errors="replace"))
+"#;
+    for mode in ["described", "not described"] {
+        let out = Command::new("python3")
+            .args([
+                "-c",
+                &script,
+                &s.proxy.addr.port().to_string(),
+                &token,
+                mode,
+            ])
+            .output()
+            .unwrap();
+        let o = text(&out);
+        assert!(out.status.success(), "{o}\n{}", err(&out));
+        assert!(o.starts_with("row "), "{mode}: {o}");
+        assert!(!o.contains("@example.com"), "{mode}: the email leaked: {o}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancel_requests_reach_the_right_backend() {
     let s = Stack::start().await;
