@@ -868,6 +868,13 @@ struct Shapes {
 
 impl Shapes {
     fn describe_statement(&mut self, id: u64, fields: Arc<Vec<FieldDescription>>) {
+        if self
+            .statements
+            .get(&id)
+            .is_some_and(|known| Arc::ptr_eq(known, &fields))
+        {
+            return;
+        }
         // Shapes of statements dropped while an error skipped their answers are not
         // forgotten one by one; this bounds them.
         if self.statements.len() >= MAX_NAMED && !self.statements.contains_key(&id) {
@@ -884,6 +891,7 @@ pub async fn upstream_to_agent(ctx: Arc<Context>, upstream: ReadHalf) -> Stop {
     let masker = ctx.session.masker().clone();
     let mut state = UpstreamState {
         shapes: Shapes::default(),
+        last_description: None,
         copy: None,
         cells: None,
         plans: PlanCache::default(),
@@ -931,6 +939,10 @@ struct CopyMask {
 
 struct UpstreamState {
     shapes: Shapes,
+    /// The last RowDescription, as sent and as parsed. Drivers describe every execution of
+    /// a prepared statement (libpq does), and the same bytes are the same shape: reusing it
+    /// skips the parse, and its masking plan is found by pointer.
+    last_description: Option<(Vec<u8>, Arc<Vec<FieldDescription>>)>,
     copy: Option<CopyMask>,
     /// How the cells of the result being streamed are masked; `None` until known.
     cells: Option<Arc<Vec<Cell>>>,
@@ -1085,6 +1097,15 @@ fn agentgate_pgwire_format(formats: &[i16], i: usize) -> i16 {
         [one] => *one,
         each => each.get(i).copied().unwrap_or(0),
     }
+}
+
+/// Whether a DataRow has exactly the planned columns and every one passes unmasked.
+fn passes_whole(cells: &[Cell], row: &Frame) -> bool {
+    let count = row
+        .body()
+        .get(..2)
+        .map(|n| usize::from(u16::from_be_bytes([n[0], n[1]])));
+    count == Some(cells.len()) && !cells.is_empty() && cells.iter().all(|c| matches!(c, Cell::Pass))
 }
 
 fn mask_row(
@@ -1427,8 +1448,13 @@ async fn on_server_frame(
                 }
                 let mut report = MaskReport::new();
                 let cells = st.cells.as_deref().map(Vec::as_slice).unwrap_or_default();
-                let replaced = mask_row(&st.masker, cells, &frame, &mut report)
-                    .map_err(|e| Stop::quiet(EndReason::Error(format!("upstream row: {e}"))))?;
+                // Nothing to mask in a row whose every column passes as is.
+                let replaced = if passes_whole(cells, &frame) {
+                    None
+                } else {
+                    mask_row(&st.masker, cells, &frame, &mut report)
+                        .map_err(|e| Stop::quiet(EndReason::Error(format!("upstream row: {e}"))))?
+                };
                 let sent = replaced.as_ref().unwrap_or(&frame);
                 out.extend_from_slice(sent.raw());
                 let mut q = ctx.expect.lock().map_err(|_| lock_err())?;
@@ -1470,9 +1496,16 @@ async fn on_server_frame(
             return Ok(());
         }
         b'T' => {
-            let desc = RowDescription::parse(&frame)
-                .map_err(|e| Stop::quiet(EndReason::Error(format!("upstream: {e}"))))?;
-            let fields = Arc::new(desc.fields);
+            let fields = match &st.last_description {
+                Some((body, fields)) if body.as_slice() == frame.body() => fields.clone(),
+                _ => {
+                    let desc = RowDescription::parse(&frame)
+                        .map_err(|e| Stop::quiet(EndReason::Error(format!("upstream: {e}"))))?;
+                    let fields = Arc::new(desc.fields);
+                    st.last_description = Some((frame.body().to_vec(), fields.clone()));
+                    fields
+                }
+            };
             let described = {
                 let mut q = ctx.expect.lock().map_err(|_| lock_err())?;
                 match q.front() {
