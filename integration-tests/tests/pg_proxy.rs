@@ -1094,6 +1094,46 @@ while True:
     }
 }
 
+/// A Bind may name a statement SQL `PREPARE` made (the server keeps both kinds in one
+/// namespace): it is decided as `EXECUTE` of it, so a read runs and a delete is held.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bind_of_a_sql_prepared_statement_is_decided_by_what_it_runs() {
+    let s = Stack::start().await;
+    let token = s.token("agent:reader", &["agents"], Duration::from_secs(600));
+    let script = RAW_CLIENT.to_owned()
+        + r#"
+msg(b"Q", b"PREPARE q AS SELECT count(*) FROM customers\0")
+while read_msg()[0] != b"Z": pass
+msg(b"B", b"\0q\0" + struct.pack("!hhh", 0, 0, 0))
+msg(b"E", b"\0" + struct.pack("!i", 0))
+msg(b"S", b"")
+while True:
+    tag, body = read_msg()
+    if tag is None or tag == b"Z": break
+    if tag == b"D":
+        n = struct.unpack("!i", body[2:6])[0]
+        print("row", body[6:6 + n].decode())
+    if tag == b"N" and b"approv" in body:
+        print("held"); break
+    if tag == b"E":
+        print("error", body.decode(errors="replace"))
+"#;
+    let out = Command::new("python3")
+        .args(["-c", &script, &s.proxy.addr.port().to_string(), &token, "-"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", err(&out));
+    assert_eq!(text(&out), "row 50");
+    let events = s.events_of_session_with("PREPARE q AS SELECT").await;
+    let ops = query_records(&events);
+    let run = ops
+        .iter()
+        .find(|o| o.operation.as_ref().unwrap().text == "EXECUTE \"q\"")
+        .unwrap_or_else(|| panic!("{ops:?}"));
+    assert_eq!(run.operation.as_ref().unwrap().risk_classes, ["sql.read"]);
+    assert_eq!(run.decision, Decision::Allow as i32);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancel_requests_reach_the_right_backend() {
     let s = Stack::start().await;
