@@ -889,7 +889,8 @@ async fn authz_unreachable_refuses_new_sessions() {
 
 /// A raw protocol client in Python, logged in as role `read` through the proxy
 /// (`argv`: port, token, mode), for what no driver sends: `msg(tag, body)` writes a message,
-/// `read_msg()` reads one (`(None, b"")` once the connection is closed).
+/// `read_msg()` reads one (`(None, b"")` once the connection is closed), `results()` prints
+/// what came back up to ReadyForQuery.
 const RAW_CLIENT: &str = r#"
 import socket, struct, sys
 port, token, mode = int(sys.argv[1]), sys.argv[2], sys.argv[3]
@@ -916,7 +917,36 @@ while True:
     tag, body = read_msg()
     if tag == b"Z": break
     assert tag is not None and tag != b"E", body
+def results():
+    # Prints each row's first value, errors and a hold for approval, up to ReadyForQuery.
+    while True:
+        tag, body = read_msg()
+        if tag is None or tag == b"Z": return
+        if tag == b"D":
+            n = struct.unpack("!i", body[2:6])[0]
+            print("row", body[6:6 + n].decode(errors="replace"))
+        if tag == b"N" and b"approv" in body:
+            print("held"); return
+        if tag == b"E":
+            print("error", body.decode(errors="replace"))
 "#;
+
+/// Runs [`RAW_CLIENT`] followed by `script` as `mode`; what it printed.
+fn raw_client(s: &Stack, token: &str, script: &str, mode: &str) -> String {
+    let out = Command::new("python3")
+        .args([
+            "-c",
+            &format!("{RAW_CLIENT}{script}"),
+            &s.proxy.addr.port().to_string(),
+            token,
+            mode,
+        ])
+        .output()
+        .unwrap();
+    let o = text(&out);
+    assert!(out.status.success(), "{mode}: {o}\n{}", err(&out));
+    o
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_messages_get_08p01_and_other_sessions_go_on() {
@@ -924,8 +954,7 @@ async fn malformed_messages_get_08p01_and_other_sessions_go_on() {
     let token = s.token("agent:reader", &["agents"], Duration::from_secs(600));
     // A raw client: logs in properly, then sends a Query whose length lies, and one with a
     // huge declared length.
-    let script = RAW_CLIENT.to_owned()
-        + r#"
+    let script = r#"
 if mode == "lying":
     s.sendall(b"Q" + struct.pack("!i", 12) + b"select 1")  # no terminator, short body
     s.sendall(b"S" + struct.pack("!i", 4))
@@ -939,18 +968,7 @@ while True:
         print("error", body.decode(errors="replace"))
 "#;
     for mode in ["lying", "huge"] {
-        let out = Command::new("python3")
-            .args([
-                "-c",
-                &script,
-                &s.proxy.addr.port().to_string(),
-                &token,
-                mode,
-            ])
-            .output()
-            .unwrap();
-        let o = text(&out);
-        assert!(out.status.success(), "{o}\n{}", err(&out));
+        let o = raw_client(&s, &token, script, mode);
         assert!(o.contains("08P01"), "{mode}: {o}");
         assert!(
             o.ends_with("closed"),
@@ -976,8 +994,7 @@ async fn a_portal_is_decided_by_the_statement_the_server_runs() {
         "appdb",
         "INSERT INTO scratch SELECT g, 'v' FROM generate_series(1, 5) g",
     );
-    let script = RAW_CLIENT.to_owned()
-        + r#"
+    let script = r#"
 syncs = 0
 def parse(name, sql): msg(b"P", name + b"\0" + sql + b"\0" + struct.pack("!h", 0))
 def bind(portal, name): msg(b"B", portal + b"\0" + name + b"\0" + struct.pack("!hhh", 0, 0, 0))
@@ -1026,18 +1043,7 @@ while True:
         "skipped parse",
         "skipped close",
     ] {
-        let out = Command::new("python3")
-            .args([
-                "-c",
-                &script,
-                &s.proxy.addr.port().to_string(),
-                &token,
-                mode,
-            ])
-            .output()
-            .unwrap();
-        let o = text(&out);
-        assert!(out.status.success(), "{o}\n{}", err(&out));
+        let o = raw_client(&s, &token, script, mode);
         assert_eq!(o, "held", "{mode}: the unbounded DELETE waits for approval");
         let count = Command::new("psql")
             .arg(s.pg.url("appdb"))
@@ -1055,8 +1061,7 @@ while True:
 async fn rows_are_masked_by_the_statement_that_produced_them() {
     let s = Stack::start().await;
     let token = s.token("agent:reader", &["agents"], Duration::from_secs(600));
-    let script = RAW_CLIENT.to_owned()
-        + r#"
+    let script = r#"
 def parse(name, sql): msg(b"P", name + b"\0" + sql + b"\0" + struct.pack("!h", 0))
 def describe(name): msg(b"D", b"S" + name + b"\0")
 secret, innocent = b"SELECT email FROM customers WHERE id = 1", b"SELECT 'a'::text AS email"
@@ -1067,28 +1072,10 @@ parse(b"", innocent)
 if mode == "described": describe(b"")
 msg(b"E", b"\0" + struct.pack("!i", 0))
 msg(b"S", b"")
-while True:
-    tag, body = read_msg()
-    if tag is None or tag == b"Z": break
-    if tag == b"D":
-        n = struct.unpack("!i", body[2:6])[0]
-        print("row", body[6:6 + n].decode(errors="replace"))
-    if tag == b"E":
-        print("error", body.decode(errors="replace"))
+results()
 "#;
     for mode in ["described", "not described"] {
-        let out = Command::new("python3")
-            .args([
-                "-c",
-                &script,
-                &s.proxy.addr.port().to_string(),
-                &token,
-                mode,
-            ])
-            .output()
-            .unwrap();
-        let o = text(&out);
-        assert!(out.status.success(), "{o}\n{}", err(&out));
+        let o = raw_client(&s, &token, script, mode);
         assert!(o.starts_with("row "), "{mode}: {o}");
         assert!(!o.contains("@example.com"), "{mode}: the email leaked: {o}");
     }
@@ -1100,30 +1087,15 @@ while True:
 async fn a_bind_of_a_sql_prepared_statement_is_decided_by_what_it_runs() {
     let s = Stack::start().await;
     let token = s.token("agent:reader", &["agents"], Duration::from_secs(600));
-    let script = RAW_CLIENT.to_owned()
-        + r#"
+    let script = r#"
 msg(b"Q", b"PREPARE q AS SELECT count(*) FROM customers\0")
 while read_msg()[0] != b"Z": pass
 msg(b"B", b"\0q\0" + struct.pack("!hhh", 0, 0, 0))
 msg(b"E", b"\0" + struct.pack("!i", 0))
 msg(b"S", b"")
-while True:
-    tag, body = read_msg()
-    if tag is None or tag == b"Z": break
-    if tag == b"D":
-        n = struct.unpack("!i", body[2:6])[0]
-        print("row", body[6:6 + n].decode())
-    if tag == b"N" and b"approv" in body:
-        print("held"); break
-    if tag == b"E":
-        print("error", body.decode(errors="replace"))
+results()
 "#;
-    let out = Command::new("python3")
-        .args(["-c", &script, &s.proxy.addr.port().to_string(), &token, "-"])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", err(&out));
-    assert_eq!(text(&out), "row 50");
+    assert_eq!(raw_client(&s, &token, script, "-"), "row 50");
     let events = s.events_of_session_with("PREPARE q AS SELECT").await;
     let ops = query_records(&events);
     let run = ops
