@@ -1715,6 +1715,10 @@ async fn on_server_frame(
                             op.skipped = true;
                             finished.push(*op);
                         }
+                        // Never answered, so not done; a Bind waiting on it goes on.
+                        Expect::Parse { change, .. } | Expect::CloseStatement { change, .. } => {
+                            ctx.settle(change);
+                        }
                         _ => {}
                     }
                 }
