@@ -428,6 +428,12 @@ async fn risky_statements_wait_for_approval_and_denials_abort_the_transaction() 
     );
     assert_eq!(op.decision, Decision::Allow as i32);
     assert_eq!(op.approval_id, id);
+    // The rule that held it, by the risk class it covers.
+    let decided_by = event.attributes.get("decided_by");
+    assert!(
+        decided_by.is_some_and(|class| operation.risk_classes.contains(class)),
+        "{decided_by:?} {operation:?}"
+    );
 
     // Denied by the reviewer: the agent gets 42501 and nothing ran.
     let conninfo = s.conninfo("read");

@@ -16,6 +16,8 @@ pub struct OpRecord {
     pub decision: Decision,
     /// Why (policy reason, approval outcome).
     pub reason: String,
+    /// The risk class of the rule that decided, if one did (recorded as `decided_by`).
+    pub rule: Option<String>,
     /// The approval request that released or refused it.
     pub approval_id: Option<String>,
     /// Bind parameters, already masked, for the record.
@@ -67,6 +69,7 @@ impl OpRecord {
             operation: operation.into(),
             decision,
             reason,
+            rule: None,
             approval_id: None,
             parameters: Vec::new(),
             started_at: SystemTime::now(),

@@ -16,6 +16,7 @@ use agentgate_pgwire::{
     Bind, Close, CommandComplete, DataRow, Describe, ErrorFields, Execute, FieldDescription, Frame,
     FrameCodec, FrameReader, Parse, Query, RowDescription, Target, build,
 };
+use agentgate_policy::LocalDecision;
 use agentgate_proto::common::v1::{Decision, Operation, Protocol};
 use agentgate_session::{EndReason, OperationEvent, Session};
 use agentgate_sql_classify::{Classification, Classifier, PreparedStatements};
@@ -216,6 +217,8 @@ struct PreparedStatement {
     operation: Arc<Operation>,
     decision: Decision,
     reason: String,
+    /// The risk class of the rule that decided, recorded as `decided_by`.
+    rule: Option<String>,
     copy_source: Option<String>,
 }
 
@@ -226,23 +229,24 @@ impl PreparedStatement {
         sql: &str,
         classified: &Result<Arc<Classification>, String>,
     ) -> Self {
-        let (operation, decision, reason, copy_source) = match classified {
+        let (operation, d, copy_source) = match classified {
             Ok(c) => {
                 let operation = operation_for(sql, c);
                 let d = ctx.session.decide(&operation);
-                (operation, d.decision, d.reason, copy_source_of(c))
+                (operation, d, copy_source_of(c))
             }
             Err(e) => {
-                let (operation, decision, reason) = unparseable(sql, e);
-                (operation, decision, reason, None)
+                let (operation, d) = unparseable(sql, e);
+                (operation, d, None)
             }
         };
         PreparedStatement {
             id,
             sql: Arc::from(sql),
             operation: Arc::new(operation),
-            decision,
-            reason,
+            decision: d.decision,
+            reason: d.reason,
+            rule: d.rule.map(|r| r.risk_class),
             copy_source,
         }
     }
@@ -489,6 +493,7 @@ fn per_statement(whole: &OpRecord, c: &Classification) -> VecDeque<OpRecord> {
                 attributes,
             };
             let mut op = OpRecord::new(operation, whole.decision, whole.reason.clone());
+            op.rule = whole.rule.clone();
             op.approval_id = whole.approval_id.clone();
             op.started_at = whole.started_at;
             op.started = whole.started;
@@ -502,7 +507,7 @@ fn per_statement(whole: &OpRecord, c: &Classification) -> VecDeque<OpRecord> {
 }
 
 /// An operation for text the classifier refused (unparseable): denied.
-fn unparseable(sql: &str, why: &str) -> (Operation, Decision, String) {
+fn unparseable(sql: &str, why: &str) -> (Operation, LocalDecision) {
     (
         Operation {
             protocol: Protocol::Postgres as i32,
@@ -510,8 +515,11 @@ fn unparseable(sql: &str, why: &str) -> (Operation, Decision, String) {
             text: sql.to_owned(),
             ..Default::default()
         },
-        Decision::Deny,
-        format!("statement refused: it does not parse as PostgreSQL ({why})"),
+        LocalDecision {
+            decision: Decision::Deny,
+            rule: None,
+            reason: format!("statement refused: it does not parse as PostgreSQL ({why})"),
+        },
     )
 }
 
@@ -607,20 +615,20 @@ async fn on_agent_frame(
             prepared.end_batch(ctx);
             let mut copy_source = None;
             let mut classification = None;
-            let (operation, decision, reason) =
-                match prepared.sql.classify(&ctx.classifier, query.sql) {
-                    Ok(c) => {
-                        copy_source = copy_source_of(&c);
-                        let operation = operation_for(query.sql, &c);
-                        let d = ctx.session.decide(&operation);
-                        classification = Some(c);
-                        (operation, d.decision, d.reason)
-                    }
-                    Err(e) => unparseable(query.sql, &e.to_string()),
-                };
+            let (operation, d) = match prepared.sql.classify(&ctx.classifier, query.sql) {
+                Ok(c) => {
+                    copy_source = copy_source_of(&c);
+                    let operation = operation_for(query.sql, &c);
+                    let d = ctx.session.decide(&operation);
+                    classification = Some(c);
+                    (operation, d)
+                }
+                Err(e) => unparseable(query.sql, &e.to_string()),
+            };
             // The Query is decided (and held for approval) as a whole: it is forwarded whole
             // or not at all, as the server runs it in one implicit transaction.
-            let mut op = OpRecord::new(operation, decision, reason);
+            let mut op = OpRecord::new(operation, d.decision, d.reason);
+            op.rule = d.rule.map(|r| r.risk_class);
             op.copy_source = copy_source;
             decide(ctx, &mut op, upstream, out).await?;
             let allowed = op.decision == Decision::Allow;
@@ -722,6 +730,7 @@ async fn on_agent_frame(
                     params,
                 }) => {
                     let mut op = OpRecord::new(p.operation.clone(), p.decision, p.reason.clone());
+                    op.rule = p.rule.clone();
                     op.copy_source = p.copy_source.clone();
                     op.parameters = params.clone();
                     op
@@ -810,6 +819,7 @@ async fn on_agent_frame(
             };
             let d = ctx.session.decide(&operation);
             let mut op = OpRecord::new(operation, d.decision, d.reason);
+            op.rule = d.rule.map(|r| r.risk_class);
             decide(ctx, &mut op, upstream, out).await?;
             if op.decision != Decision::Allow {
                 // No stand-in exists for a function call; refuse it like the server refuses
@@ -1889,7 +1899,7 @@ async fn record(ctx: &Context, op: OpRecord, status: &str) -> Result<(), Stop> {
         operation: op.operation,
         decision: op.decision,
         reason: op.reason,
-        rule: None,
+        rule: op.rule,
         approval_id: op.approval_id.unwrap_or_default(),
         parameters: op.parameters,
         started_at: op.started_at,
