@@ -244,7 +244,12 @@ impl Spool {
             }
             Ticket(id)
         };
-        self.shared.backlog.send_modify(|n| *n += 1);
+        // A rise wakes no one: the backlog is watched only for going down (to zero, in
+        // `Recorder::flush`), and this runs for every event.
+        self.shared.backlog.send_if_modified(|n| {
+            *n += 1;
+            false
+        });
         Ok(ticket)
     }
 
@@ -507,7 +512,8 @@ impl Spool {
         self.len() == 0
     }
 
-    /// Watches the backlog, e.g. to wait until it reaches zero.
+    /// Watches the backlog going down as the store acknowledges, e.g. to wait until it
+    /// reaches zero; events queued raise it without a notification.
     pub fn subscribe(&self) -> watch::Receiver<u64> {
         self.shared.backlog.subscribe()
     }
