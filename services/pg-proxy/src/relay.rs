@@ -901,6 +901,7 @@ pub async fn upstream_to_agent(ctx: Arc<Context>, upstream: ReadHalf) -> Stop {
     let masker = ctx.session.masker().clone();
     let mut state = UpstreamState {
         shapes: Shapes::default(),
+        streamed: Streamed::default(),
         last_description: None,
         copy: None,
         cells: None,
@@ -925,9 +926,13 @@ pub async fn upstream_to_agent(ctx: Arc<Context>, upstream: ReadHalf) -> Stop {
                 Err(e) => return Stop::quiet(EndReason::Error(format!("upstream protocol: {e}"))),
             };
             if let Err(stop) = on_server_frame(&ctx, &mut state, frame, &mut out).await {
+                let _ = state.streamed.settle(&ctx);
                 let _ = ctx.write_client(&out).await;
                 return stop;
             }
+        }
+        if let Err(stop) = state.streamed.settle(&ctx) {
+            return stop;
         }
         if !out.is_empty() {
             ctx.session.count_bytes(0, out.len() as u64);
@@ -936,6 +941,42 @@ pub async fn upstream_to_agent(ctx: Arc<Context>, upstream: ReadHalf) -> Stop {
             }
             out.clear();
         }
+    }
+}
+
+/// Bytes and masking counts of result rows (DataRow, CopyData) sent and not yet counted to
+/// the statement they belong to, the one at the front of the queue. They are counted once
+/// per batch of messages read, and before any other message (which may end that
+/// statement), instead of taking the queue's lock per row.
+#[derive(Default)]
+struct Streamed {
+    bytes: u64,
+    masked: MaskReport,
+}
+
+impl Streamed {
+    fn add(&mut self, bytes: usize, masked: &MaskReport) {
+        self.bytes += bytes as u64;
+        if !masked.is_empty() {
+            self.masked.merge(masked);
+        }
+    }
+
+    fn settle(&mut self, ctx: &Context) -> Result<(), Stop> {
+        if self.bytes == 0 && self.masked.is_empty() {
+            return Ok(());
+        }
+        let mut q = ctx
+            .expect
+            .lock()
+            .map_err(|_| Stop::quiet(EndReason::Error("internal state poisoned".into())))?;
+        if let Some(op) = front_op(&mut q) {
+            op.bytes += self.bytes;
+            op.masked.merge(&self.masked);
+        }
+        self.bytes = 0;
+        self.masked.clear();
+        Ok(())
     }
 }
 
@@ -949,6 +990,8 @@ struct CopyMask {
 
 struct UpstreamState {
     shapes: Shapes,
+    /// Result rows sent and not yet counted to their statement.
+    streamed: Streamed,
     /// The last RowDescription, as sent and as parsed. Drivers describe every execution of
     /// a prepared statement (libpq does), and the same bytes are the same shape: reusing it
     /// skips the parse, and its masking plan is found by pointer.
@@ -1431,6 +1474,9 @@ async fn on_server_frame(
     out: &mut BytesMut,
 ) -> Result<(), Stop> {
     let lock_err = || Stop::quiet(EndReason::Error("internal state poisoned".into()));
+    if !matches!(frame.tag(), b'D' | b'd') {
+        st.streamed.settle(ctx)?;
+    }
     match frame.tag() {
         b'D' => {
             if st.masking {
@@ -1467,17 +1513,10 @@ async fn on_server_frame(
                 };
                 let sent = replaced.as_ref().unwrap_or(&frame);
                 out.extend_from_slice(sent.raw());
-                let mut q = ctx.expect.lock().map_err(|_| lock_err())?;
-                if let Some(op) = front_op(&mut q) {
-                    op.bytes += sent.wire_len() as u64;
-                    op.masked.merge(&report);
-                }
+                st.streamed.add(sent.wire_len(), &report);
             } else {
                 out.extend_from_slice(frame.raw());
-                let mut q = ctx.expect.lock().map_err(|_| lock_err())?;
-                if let Some(op) = front_op(&mut q) {
-                    op.bytes += frame.wire_len() as u64;
-                }
+                st.streamed.add(frame.wire_len(), &MaskReport::new());
             }
             return Ok(());
         }
@@ -1495,11 +1534,7 @@ async fn on_server_frame(
                     _ => frame.clone(),
                 };
                 out.extend_from_slice(sent.raw());
-                let mut q = ctx.expect.lock().map_err(|_| lock_err())?;
-                if let Some(op) = front_op(&mut q) {
-                    op.bytes += sent.wire_len() as u64;
-                    op.masked.merge(&report);
-                }
+                st.streamed.add(sent.wire_len(), &report);
             } else {
                 out.extend_from_slice(frame.raw());
             }
