@@ -46,9 +46,11 @@ impl ControlPlane {
         let dir = tempfile::tempdir()?;
         let policy_path = dir.path().join("policy.cedar");
         std::fs::write(&policy_path, policy)?;
+        // authz binds a port of the kernel's choosing (no race with parallel tests); the
+        // approvals port must be known first, as authz's configuration names it.
         let approvals_port = free_port()?;
         let mut config = AuthzConfig {
-            listen: SocketAddr::from(([127, 0, 0, 1], free_port()?)),
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             policy: Some(policy_path.clone()),
             audit_url: Some(audit.endpoint()),
             approvals_url: Some(format!("http://127.0.0.1:{approvals_port}")),
