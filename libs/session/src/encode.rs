@@ -9,7 +9,7 @@
 
 use agentgate_proto::common::v1::Operation;
 use prost::Message;
-use prost::encoding::{WireType, encode_key, encode_varint, encoded_len_varint};
+use prost::encoding::{WireType, encode_key, encode_varint, encoded_len_varint, key_len};
 
 use crate::OperationEvent;
 use crate::to_timestamp;
@@ -146,10 +146,6 @@ fn map_entry(out: &mut Vec<u8>, tag: u32, key: &str, value: &str) {
     encode_varint(len as u64, out);
     string(out, 1, key);
     string(out, 2, value);
-}
-
-fn key_len(tag: u32) -> usize {
-    prost::encoding::key_len(tag)
 }
 
 #[cfg(test)]

@@ -92,29 +92,24 @@ impl Writer {
 
     /// Numbers and queues one event; waits only while the spool's queue is full.
     pub(crate) async fn record(&self, new: NewEvent) -> Result<(), RecordError> {
-        if let Err(e) = self.recorder.reserve().await {
-            return Err(self.failed(&mut self.state(), &e));
-        }
-        let mut state = self.state();
-        if let Some(f) = &state.failure {
-            return Err(RecordError::Spool(f.clone()));
-        }
         let NewEvent {
             time,
             kind,
             detail,
             attributes,
         } = new;
-        let event = AuditEvent {
-            sequence: state.next_sequence,
+        let mut event = AuditEvent {
             time: Some(time),
             kind,
             detail,
             attributes,
             ..Default::default()
         };
-        let queued = self.recorder.queue_templated(&self.template, &event);
-        self.queued(&mut state, queued)
+        self.queue_next(|_, sequence| {
+            event.sequence = sequence;
+            self.recorder.queue_templated(&self.template, &event)
+        })
+        .await
     }
 
     /// Numbers and queues one operation's event, encoded from `event` itself (see
@@ -126,28 +121,39 @@ impl Writer {
         event: &OperationEvent,
         extra: &[(&str, &str)],
     ) -> Result<(), RecordError> {
+        let time = crate::to_timestamp(std::time::SystemTime::now());
+        self.queue_next(|state, sequence| {
+            state.encoded.clear();
+            OperationFields {
+                sequence,
+                time: &time,
+                kind,
+                event,
+                extra,
+            }
+            .encode(&mut state.encoded, &mut state.nested);
+            self.recorder
+                .queue_templated_encoded(&self.template, &state.encoded)
+        })
+        .await
+    }
+
+    /// Waits for room in the spool's queue, then, under the session's lock, has `queue`
+    /// queue the event numbered `sequence` and counts it; the first failure ends recording.
+    async fn queue_next(
+        &self,
+        queue: impl FnOnce(&mut State, u64) -> Result<Ticket, RecorderError>,
+    ) -> Result<(), RecordError> {
         if let Err(e) = self.recorder.reserve().await {
             return Err(self.failed(&mut self.state(), &e));
         }
-        let time = crate::to_timestamp(std::time::SystemTime::now());
         let mut state = self.state();
         if let Some(f) = &state.failure {
             return Err(RecordError::Spool(f.clone()));
         }
-        let state = &mut *state;
-        state.encoded.clear();
-        OperationFields {
-            sequence: state.next_sequence,
-            time: &time,
-            kind,
-            event,
-            extra,
-        }
-        .encode(&mut state.encoded, &mut state.nested);
-        let queued = self
-            .recorder
-            .queue_templated_encoded(&self.template, &state.encoded);
-        self.queued(state, queued)
+        let sequence = state.next_sequence;
+        let queued = queue(&mut state, sequence);
+        self.queued(&mut state, queued)
     }
 
     fn queued(
