@@ -437,23 +437,32 @@ async fn run_session(
     let mut agent_task = tokio::spawn(relay::agent_to_upstream(ctx.clone(), client_r, up_w));
     let mut upstream_task = tokio::spawn(relay::upstream_to_agent(ctx.clone(), up_r));
     let ended = session.ended();
-    let (reason, notify) = tokio::select! {
-        r = &mut agent_task => stop_of(r),
-        r = &mut upstream_task => stop_of(r),
+    let ((mut reason, mut notify), rest) = tokio::select! {
+        r = &mut agent_task => (stop_of(r), Some(upstream_task)),
+        r = &mut upstream_task => (stop_of(r), Some(agent_task)),
         reason = ended => {
             let notify = build::error("FATAL", agentgate_pgwire::ADMIN_SHUTDOWN, &reason.message(), None);
-            (reason, Some(notify))
+            agent_task.abort();
+            upstream_task.abort();
+            let _ = agent_task.await;
+            let _ = upstream_task.await;
+            ((reason, Some(notify)), None)
         }
     };
-    agent_task.abort();
-    upstream_task.abort();
-    // Both directions stopped (a task that ended was polled to its end above), then what
-    // the server never answered is recorded.
-    if !agent_task.is_finished() {
-        let _ = agent_task.await;
-    }
-    if !upstream_task.is_finished() {
-        let _ = upstream_task.await;
+    // Both directions stop before what the server never answered is recorded. One
+    // direction's end can end the other (the agent side's task drops the upstream write
+    // half, which closes the upstream connection), so both may have finished by now: the
+    // stop that owes the agent an error (a protocol violation) wins over the plain close
+    // it caused.
+    if let Some(other) = rest {
+        other.abort();
+        if let Ok(stop) = other.await
+            && notify.is_none()
+            && stop.notify.is_some()
+        {
+            reason = stop.reason;
+            notify = stop.notify;
+        }
     }
     relay::record_unanswered(&ctx, &reason.to_string()).await;
     {
