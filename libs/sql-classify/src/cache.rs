@@ -5,7 +5,7 @@ use std::hash::{BuildHasher, RandomState};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use crate::{Classification, ClassifyError, SessionEffect, analyze, shape};
+use crate::{Classification, ClassifyError, SessionEffect, StatementClass, analyze, shape};
 
 /// Classifies SQL and remembers the result by text, so that a statement an agent sends again
 /// (an ORM's query, a prepared statement's text, a retry) is parsed once.
@@ -177,9 +177,19 @@ fn for_text(found: &Classification, sql: &str) -> Option<Classification> {
     if start > trimmed_end {
         return None;
     }
-    let mut statement = statement.clone();
-    statement.span = start..trimmed_end;
-    statement.text = sql[start..trimmed_end].to_owned();
+    // Field by field, so the cached statement's own text is not copied only to be replaced.
+    let statement = StatementClass {
+        risk_classes: statement.risk_classes.clone(),
+        command: statement.command.clone(),
+        tables: statement.tables.clone(),
+        span: start..trimmed_end,
+        text: sql[start..trimmed_end].to_owned(),
+        notes: statement.notes.clone(),
+        copy_source: statement.copy_source.clone(),
+        base: statement.base,
+        executes: statement.executes.clone(),
+        session: statement.session.clone(),
+    };
     Some(Classification {
         statements: vec![statement],
     })

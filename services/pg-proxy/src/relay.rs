@@ -225,6 +225,7 @@ struct PreparedStatement {
 impl PreparedStatement {
     fn new(
         ctx: &Context,
+        decisions: &mut Decisions,
         id: u64,
         sql: &str,
         classified: &Result<Arc<Classification>, String>,
@@ -232,12 +233,12 @@ impl PreparedStatement {
         let (operation, d, copy_source) = match classified {
             Ok(c) => {
                 let operation = operation_for(sql, c);
-                let d = ctx.session.decide(&operation);
+                let d = decisions.decide(&ctx.session, &operation);
                 (operation, d, copy_source_of(c))
             }
             Err(e) => {
                 let (operation, d) = unparseable(sql, e);
-                (operation, d, None)
+                (operation, d.into(), None)
             }
         };
         PreparedStatement {
@@ -246,9 +247,56 @@ impl PreparedStatement {
             operation: Arc::new(operation),
             decision: d.decision,
             reason: d.reason,
-            rule: d.rule.map(|r| r.risk_class),
+            rule: d.rule,
             copy_source,
         }
+    }
+}
+
+/// A policy decision as the relay keeps it: the deciding rule by its risk class only.
+#[derive(Clone)]
+struct Decided {
+    decision: Decision,
+    reason: String,
+    rule: Option<String>,
+}
+
+impl From<LocalDecision> for Decided {
+    fn from(d: LocalDecision) -> Decided {
+        Decided {
+            decision: d.decision,
+            reason: d.reason,
+            rule: d.rule.map(|r| r.risk_class),
+        }
+    }
+}
+
+/// The session's decisions by risk classes. A session's policy is fixed for its life and
+/// [`agentgate_policy::decide`] looks at nothing of an operation but its risk classes, so
+/// each combination of classes is decided once per connection instead of per statement
+/// (which cloned the deciding rule and formatted its reason every time).
+#[derive(Default)]
+struct Decisions {
+    known: Vec<(Vec<String>, Decided)>,
+}
+
+impl Decisions {
+    /// Combinations remembered; a connection sees a handful (read, write, none, …).
+    const MAX: usize = 32;
+
+    fn decide(&mut self, session: &Session, operation: &Operation) -> Decided {
+        if let Some((_, d)) = self
+            .known
+            .iter()
+            .find(|(classes, _)| *classes == operation.risk_classes)
+        {
+            return d.clone();
+        }
+        let d = Decided::from(session.decide(operation));
+        if self.known.len() < Self::MAX {
+            self.known.push((operation.risk_classes.clone(), d.clone()));
+        }
+        d
     }
 }
 
@@ -275,6 +323,7 @@ struct Prepared {
     last_id: u64,
     /// The number of the last name change.
     last_change: u64,
+    decisions: Decisions,
 }
 
 impl Prepared {
@@ -430,6 +479,23 @@ impl DenialMarkers {
 }
 
 fn operation_for(sql: &str, classification: &Classification) -> Operation {
+    if let [s] = classification.statements.as_slice() {
+        // One statement, the common case: its classes are distinct already (catalog order).
+        let mut targets: Vec<String> = Vec::with_capacity(s.tables.len());
+        for t in &s.tables {
+            if !targets.contains(t) {
+                targets.push(t.clone());
+            }
+        }
+        return Operation {
+            protocol: Protocol::Postgres as i32,
+            action: s.command.to_lowercase(),
+            text: sql.to_owned(),
+            targets,
+            risk_classes: s.risk_classes.iter().map(|c| (*c).to_owned()).collect(),
+            attributes: HashMap::new(),
+        };
+    }
     let mut classes: Vec<String> = Vec::new();
     let mut targets: Vec<String> = Vec::new();
     let mut commands: Vec<String> = Vec::new();
@@ -533,7 +599,7 @@ fn unknown_statement(ctx: &Context, prepared: &mut Prepared, name: &str) -> Prep
         .classify(&ctx.classifier, &sql)
         .map_err(|e| e.to_string());
     let id = prepared.next_id();
-    PreparedStatement::new(ctx, id, &sql, &classified)
+    PreparedStatement::new(ctx, &mut prepared.decisions, id, &sql, &classified)
 }
 
 /// The refusal the agent sees for a statement.
@@ -619,16 +685,19 @@ async fn on_agent_frame(
                 Ok(c) => {
                     copy_source = copy_source_of(&c);
                     let operation = operation_for(query.sql, &c);
-                    let d = ctx.session.decide(&operation);
+                    let d = prepared.decisions.decide(&ctx.session, &operation);
                     classification = Some(c);
                     (operation, d)
                 }
-                Err(e) => unparseable(query.sql, &e.to_string()),
+                Err(e) => {
+                    let (operation, d) = unparseable(query.sql, &e.to_string());
+                    (operation, d.into())
+                }
             };
             // The Query is decided (and held for approval) as a whole: it is forwarded whole
             // or not at all, as the server runs it in one implicit transaction.
             let mut op = OpRecord::new(operation, d.decision, d.reason);
-            op.rule = d.rule.map(|r| r.risk_class);
+            op.rule = d.rule;
             op.copy_source = copy_source;
             decide(ctx, &mut op, upstream, out).await?;
             let allowed = op.decision == Decision::Allow;
@@ -675,7 +744,13 @@ async fn on_agent_frame(
                 )));
             }
             let id = prepared.next_id();
-            let statement = Arc::new(PreparedStatement::new(ctx, id, parse.sql, &classified));
+            let statement = Arc::new(PreparedStatement::new(
+                ctx,
+                &mut prepared.decisions,
+                id,
+                parse.sql,
+                &classified,
+            ));
             let change = prepared.change(parse.name, Some(statement.clone()));
             ctx.push(Expect::Parse {
                 change,
@@ -817,9 +892,9 @@ async fn on_agent_frame(
                 risk_classes: vec!["sql.opaque_code".into()],
                 ..Default::default()
             };
-            let d = ctx.session.decide(&operation);
+            let d = prepared.decisions.decide(&ctx.session, &operation);
             let mut op = OpRecord::new(operation, d.decision, d.reason);
-            op.rule = d.rule.map(|r| r.risk_class);
+            op.rule = d.rule;
             decide(ctx, &mut op, upstream, out).await?;
             if op.decision != Decision::Allow {
                 // No stand-in exists for a function call; refuse it like the server refuses
