@@ -478,28 +478,14 @@ impl DenialMarkers {
     }
 }
 
+/// The operation a classified text performs: every statement's classes and tables, each
+/// once, and its commands joined by `;` in lower case (`select`, `begin;update;commit`).
 fn operation_for(sql: &str, classification: &Classification) -> Operation {
-    if let [s] = classification.statements.as_slice() {
-        // One statement, the common case: its classes are distinct already (catalog order).
-        let mut targets: Vec<String> = Vec::with_capacity(s.tables.len());
-        for t in &s.tables {
-            if !targets.contains(t) {
-                targets.push(t.clone());
-            }
-        }
-        return Operation {
-            protocol: Protocol::Postgres as i32,
-            action: s.command.to_lowercase(),
-            text: sql.to_owned(),
-            targets,
-            risk_classes: s.risk_classes.iter().map(|c| (*c).to_owned()).collect(),
-            attributes: HashMap::new(),
-        };
-    }
+    let statements = &classification.statements;
     let mut classes: Vec<String> = Vec::new();
     let mut targets: Vec<String> = Vec::new();
-    let mut commands: Vec<String> = Vec::new();
-    for s in &classification.statements {
+    let mut action = String::new();
+    for (i, s) in statements.iter().enumerate() {
         for c in &s.risk_classes {
             if !classes.iter().any(|x| x == c) {
                 classes.push((*c).to_owned());
@@ -510,15 +496,18 @@ fn operation_for(sql: &str, classification: &Classification) -> Operation {
                 targets.push(t.clone());
             }
         }
-        commands.push(s.command.clone());
+        if i > 0 {
+            action.push(';');
+        }
+        action.extend(s.command.chars().flat_map(char::to_lowercase));
     }
     let mut attributes = HashMap::new();
-    if commands.len() > 1 {
-        attributes.insert("statements".into(), commands.len().to_string());
+    if statements.len() > 1 {
+        attributes.insert("statements".into(), statements.len().to_string());
     }
     Operation {
         protocol: Protocol::Postgres as i32,
-        action: commands.join(";").to_lowercase(),
+        action,
         text: sql.to_owned(),
         targets,
         risk_classes: classes,
@@ -2026,4 +2015,54 @@ async fn record(ctx: &Context, op: OpRecord, status: &str) -> Result<(), Stop> {
         .record_operation(event)
         .await
         .map_err(|e| Stop::quiet(EndReason::RecordingFailed(e.to_string())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn operation(sql: &str) -> Operation {
+        let classification = agentgate_sql_classify::classify(sql).expect("parses");
+        operation_for(sql, &classification)
+    }
+
+    #[test]
+    fn one_statement_is_its_own_command_classes_and_tables() {
+        let op = operation("SELECT * FROM accounts a JOIN accounts b USING (id)");
+        assert_eq!(op.action, "select");
+        assert_eq!(op.risk_classes, [agentgate_sql_classify::risk::READ]);
+        assert_eq!(op.targets, ["accounts"]);
+        assert!(op.attributes.is_empty());
+        assert_eq!(
+            op.text,
+            "SELECT * FROM accounts a JOIN accounts b USING (id)"
+        );
+    }
+
+    #[test]
+    fn a_multi_statement_query_joins_commands_and_merges_classes_and_tables() {
+        use agentgate_sql_classify::risk;
+        let sql = "BEGIN; DELETE FROM accounts; SELECT * FROM accounts, audit; COMMIT";
+        let op = operation(sql);
+        assert_eq!(op.action, "begin;delete;select;commit");
+        assert_eq!(op.targets, ["accounts", "audit"]);
+        let distinct: std::collections::HashSet<&String> = op.risk_classes.iter().collect();
+        assert_eq!(
+            distinct.len(),
+            op.risk_classes.len(),
+            "{:?}",
+            op.risk_classes
+        );
+        for class in [risk::READ, risk::WRITE_UNBOUNDED] {
+            assert!(
+                op.risk_classes.iter().any(|c| c == class),
+                "{:?}",
+                op.risk_classes
+            );
+        }
+        assert_eq!(
+            op.attributes.get("statements").map(String::as_str),
+            Some("4")
+        );
+    }
 }
