@@ -499,8 +499,10 @@ fn operation_for(sql: &str, classification: &Classification) -> Operation {
         if i > 0 {
             action.push(';');
         }
-        action.extend(s.command.chars().flat_map(char::to_lowercase));
+        action.push_str(&s.command);
     }
+    // Command tags are ASCII (`SELECT`, `CREATE TABLE`, `UNKNOWN`).
+    action.make_ascii_lowercase();
     let mut attributes = HashMap::new();
     if statements.len() > 1 {
         attributes.insert("statements".into(), statements.len().to_string());
