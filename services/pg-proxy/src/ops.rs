@@ -4,6 +4,7 @@
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
+use agentgate_policy::LocalDecision;
 use agentgate_proto::common::v1::{Decision, Operation};
 
 /// A statement in flight, from the moment the agent sent it to the server's answer.
@@ -58,18 +59,40 @@ pub struct Denial {
     pub error: agentgate_pgwire::Frame,
 }
 
+/// A policy decision as the relay keeps it: the deciding rule by its risk class only.
+#[derive(Debug, Clone)]
+pub struct Decided {
+    /// Allow, deny or needs approval.
+    pub decision: Decision,
+    /// Why, in one line.
+    pub reason: String,
+    /// The risk class of the rule that decided, if one did.
+    pub rule: Option<String>,
+}
+
+impl From<LocalDecision> for Decided {
+    fn from(d: LocalDecision) -> Decided {
+        Decided {
+            decision: d.decision,
+            reason: d.reason,
+            rule: d.rule.map(|r| r.risk_class),
+        }
+    }
+}
+
 impl OpRecord {
-    /// A statement the agent just sent.
-    pub fn new(
-        operation: impl Into<Arc<Operation>>,
-        decision: Decision,
-        reason: String,
-    ) -> OpRecord {
+    /// A statement the agent just sent, as policy decided it.
+    pub fn new(operation: impl Into<Arc<Operation>>, decided: Decided) -> OpRecord {
+        let Decided {
+            decision,
+            reason,
+            rule,
+        } = decided;
         OpRecord {
             operation: operation.into(),
             decision,
             reason,
-            rule: None,
+            rule,
             approval_id: None,
             parameters: Vec::new(),
             started_at: SystemTime::now(),

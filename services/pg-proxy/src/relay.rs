@@ -16,7 +16,6 @@ use agentgate_pgwire::{
     Bind, Close, CommandComplete, DataRow, Describe, ErrorFields, Execute, FieldDescription, Frame,
     FrameCodec, FrameReader, Parse, Query, RowDescription, Target, build,
 };
-use agentgate_policy::LocalDecision;
 use agentgate_proto::common::v1::{Decision, Operation, Protocol};
 use agentgate_session::{EndReason, OperationEvent, Session};
 use agentgate_sql_classify::{Classification, Classifier, PreparedStatements};
@@ -24,7 +23,7 @@ use bytes::BytesMut;
 use tokio::io::AsyncWriteExt;
 
 use crate::catalog::Catalog;
-use crate::ops::{Denial, OpRecord};
+use crate::ops::{Decided, Denial, OpRecord};
 use crate::stream::{ReadHalf, WriteHalf};
 
 /// Most answers the proxy waits for at once on one connection: a client pipelining more
@@ -215,10 +214,7 @@ struct PreparedStatement {
     id: u64,
     sql: Arc<str>,
     operation: Arc<Operation>,
-    decision: Decision,
-    reason: String,
-    /// The risk class of the rule that decided, recorded as `decided_by`.
-    rule: Option<String>,
+    decided: Decided,
     copy_source: Option<String>,
 }
 
@@ -230,43 +226,23 @@ impl PreparedStatement {
         sql: &str,
         classified: &Result<Arc<Classification>, String>,
     ) -> Self {
-        let (operation, d, copy_source) = match classified {
+        let (operation, decided, copy_source) = match classified {
             Ok(c) => {
                 let operation = operation_for(sql, c);
-                let d = decisions.decide(&ctx.session, &operation);
-                (operation, d, copy_source_of(c))
+                let decided = decisions.decide(&ctx.session, &operation);
+                (operation, decided, copy_source_of(c))
             }
             Err(e) => {
-                let (operation, d) = unparseable(sql, e);
-                (operation, d.into(), None)
+                let (operation, decided) = unparseable(sql, e);
+                (operation, decided, None)
             }
         };
         PreparedStatement {
             id,
             sql: Arc::from(sql),
             operation: Arc::new(operation),
-            decision: d.decision,
-            reason: d.reason,
-            rule: d.rule,
+            decided,
             copy_source,
-        }
-    }
-}
-
-/// A policy decision as the relay keeps it: the deciding rule by its risk class only.
-#[derive(Clone)]
-struct Decided {
-    decision: Decision,
-    reason: String,
-    rule: Option<String>,
-}
-
-impl From<LocalDecision> for Decided {
-    fn from(d: LocalDecision) -> Decided {
-        Decided {
-            decision: d.decision,
-            reason: d.reason,
-            rule: d.rule.map(|r| r.risk_class),
         }
     }
 }
@@ -549,8 +525,12 @@ fn per_statement(whole: &OpRecord, c: &Classification) -> VecDeque<OpRecord> {
                 risk_classes: classes,
                 attributes,
             };
-            let mut op = OpRecord::new(operation, whole.decision, whole.reason.clone());
-            op.rule = whole.rule.clone();
+            let decided = Decided {
+                decision: whole.decision,
+                reason: whole.reason.clone(),
+                rule: whole.rule.clone(),
+            };
+            let mut op = OpRecord::new(operation, decided);
             op.approval_id = whole.approval_id.clone();
             op.started_at = whole.started_at;
             op.started = whole.started;
@@ -564,7 +544,7 @@ fn per_statement(whole: &OpRecord, c: &Classification) -> VecDeque<OpRecord> {
 }
 
 /// An operation for text the classifier refused (unparseable): denied.
-fn unparseable(sql: &str, why: &str) -> (Operation, LocalDecision) {
+fn unparseable(sql: &str, why: &str) -> (Operation, Decided) {
     (
         Operation {
             protocol: Protocol::Postgres as i32,
@@ -572,10 +552,10 @@ fn unparseable(sql: &str, why: &str) -> (Operation, LocalDecision) {
             text: sql.to_owned(),
             ..Default::default()
         },
-        LocalDecision {
+        Decided {
             decision: Decision::Deny,
-            rule: None,
             reason: format!("statement refused: it does not parse as PostgreSQL ({why})"),
+            rule: None,
         },
     )
 }
@@ -680,15 +660,11 @@ async fn on_agent_frame(
                     classification = Some(c);
                     (operation, d)
                 }
-                Err(e) => {
-                    let (operation, d) = unparseable(query.sql, &e.to_string());
-                    (operation, d.into())
-                }
+                Err(e) => unparseable(query.sql, &e.to_string()),
             };
             // The Query is decided (and held for approval) as a whole: it is forwarded whole
             // or not at all, as the server runs it in one implicit transaction.
-            let mut op = OpRecord::new(operation, d.decision, d.reason);
-            op.rule = d.rule;
+            let mut op = OpRecord::new(operation, d);
             op.copy_source = copy_source;
             decide(ctx, &mut op, upstream, out).await?;
             let allowed = op.decision == Decision::Allow;
@@ -795,8 +771,7 @@ async fn on_agent_frame(
                     statement: p,
                     params,
                 }) => {
-                    let mut op = OpRecord::new(p.operation.clone(), p.decision, p.reason.clone());
-                    op.rule = p.rule.clone();
+                    let mut op = OpRecord::new(p.operation.clone(), p.decided.clone());
                     op.copy_source = p.copy_source.clone();
                     op.parameters = params.clone();
                     op
@@ -809,8 +784,11 @@ async fn on_agent_frame(
                         action: "execute".into(),
                         ..Default::default()
                     },
-                    Decision::Allow,
-                    "no statement to run".into(),
+                    Decided {
+                        decision: Decision::Allow,
+                        reason: "no statement to run".into(),
+                        rule: None,
+                    },
                 ),
             };
             decide(ctx, &mut op, upstream, out).await?;
@@ -884,8 +862,7 @@ async fn on_agent_frame(
                 ..Default::default()
             };
             let d = prepared.decisions.decide(&ctx.session, &operation);
-            let mut op = OpRecord::new(operation, d.decision, d.reason);
-            op.rule = d.rule;
+            let mut op = OpRecord::new(operation, d);
             decide(ctx, &mut op, upstream, out).await?;
             if op.decision != Decision::Allow {
                 // No stand-in exists for a function call; refuse it like the server refuses
