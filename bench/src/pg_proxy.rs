@@ -189,6 +189,9 @@ struct Run {
     cpu: Option<f64>,
     /// pg-proxy: CPU seconds of the audit store's process over the same time.
     store_cpu: Option<f64>,
+    /// pg-proxy: CPU seconds of the audit store's Postgres (postmaster and every process
+    /// forked from it) over the same time; with `--audit-backend sqlite`, none.
+    database_cpu: Option<f64>,
     /// pg-proxy: seconds after pgbench ended until the audit store held every statement.
     catch_up: Option<f64>,
 }
@@ -291,6 +294,7 @@ async fn main() -> anyhow::Result<()> {
         }
     };
     let store_cpu = || process_cpu(stack.audit.child.id());
+    let database_cpu = || stack.audit.database_cpu();
 
     let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
     eprintln!("load average before: {}", load.trim());
@@ -320,6 +324,7 @@ async fn main() -> anyhow::Result<()> {
                     let Some(e) = endpoint(t) else { continue };
                     let cpu_before = cpu_of(t);
                     let store_before = store_cpu();
+                    let database_before = database_cpu();
                     let mut run = pgbench(e, mode, clients, args.duration).await?;
                     if t == TargetKind::PgProxy {
                         // Recording ships behind the statements: the next run starts only
@@ -336,9 +341,13 @@ async fn main() -> anyhow::Result<()> {
                             (Some(a), Some(b)) => Some(b - a),
                             _ => None,
                         };
+                        run.database_cpu = match (database_before, database_cpu()) {
+                            (Some(a), Some(b)) => Some(b - a),
+                            _ => None,
+                        };
                     }
                     eprintln!(
-                        "-M {:<8} -c {:>2}  {:<9}  {:>9.0} tps  {:.3} ms{}{}{}",
+                        "-M {:<8} -c {:>2}  {:<9}  {:>9.0} tps  {:.3} ms{}{}{}{}",
                         mode.name(),
                         clients,
                         t.name(),
@@ -353,6 +362,12 @@ async fn main() -> anyhow::Result<()> {
                         run.store_cpu
                             .map(|c| format!(
                                 "  audit store {:.1} µs CPU/query",
+                                c * 1e6 / run.transactions.max(1) as f64
+                            ))
+                            .unwrap_or_default(),
+                        run.database_cpu
+                            .map(|c| format!(
+                                "  its Postgres {:.1} µs CPU/query",
                                 c * 1e6 / run.transactions.max(1) as f64
                             ))
                             .unwrap_or_default(),
@@ -425,10 +440,10 @@ fn print_report(
     );
     println!();
     println!(
-        "| mode | clients | direct TPS | pgbouncer TPS | pg-proxy TPS | proxy/pgbouncer | proxy/direct | added latency pgbouncer (ms) | added latency pg-proxy (ms) | CPU/query pgbouncer (µs) | CPU/query agentgate (µs) | CPU/query audit store (µs) | audit store caught up after (s) |"
+        "| mode | clients | direct TPS | pgbouncer TPS | pg-proxy TPS | proxy/pgbouncer | proxy/direct | added latency pgbouncer (ms) | added latency pg-proxy (ms) | CPU/query pgbouncer (µs) | CPU/query agentgate (µs) | CPU/query audit store (µs) | CPU/query audit store's Postgres (µs) | audit store caught up after (s) |"
     );
     println!(
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
     );
     for (mode, clients, runs) in rows {
         let get = |t: TargetKind| runs.iter().find(|(k, _)| *k == t).map(|(_, r)| *r);
@@ -458,12 +473,16 @@ fn print_report(
             Some((c, n)) if n > 0 => format!("{:.0}", c * 1e6 / n as f64),
             _ => "–".into(),
         };
+        let database = match p.and_then(|r| r.database_cpu.map(|c| (c, r.transactions))) {
+            Some((c, n)) if n > 0 => format!("{:.0}", c * 1e6 / n as f64),
+            _ => "–".into(),
+        };
         let caught_up = p
             .and_then(|r| r.catch_up)
             .map(|c| format!("{c:.1}"))
             .unwrap_or_else(|| "–".into());
         println!(
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             mode.name(),
             clients,
             tps(d),
@@ -476,6 +495,7 @@ fn print_report(
             cpu(b),
             cpu(p),
             store,
+            database,
             caught_up,
         );
     }
@@ -522,6 +542,7 @@ async fn pgbench(e: &Endpoint, mode: Mode, clients: usize, seconds: u64) -> anyh
         transactions,
         cpu: None,
         store_cpu: None,
+        database_cpu: None,
         catch_up: None,
     })
 }
@@ -660,6 +681,16 @@ impl Drop for Pgbouncer {
         // SIGTERM to pgbouncer itself (runuser, if any, then exits with it).
         terminate(&mut self.child, (self.pid != 0).then_some(self.pid));
     }
+}
+
+/// The parent process of `pid`.
+fn parent_of(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat[stat.rfind(')')? + 2..]
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
 }
 
 /// utime + stime of a process, in seconds.
@@ -910,11 +941,31 @@ impl Stack {
 struct AuditProcess {
     child: Child,
     database_url: String,
-    _postgres: Option<Postgres>,
+    postgres: Option<Postgres>,
     _dir: tempfile::TempDir,
 }
 
 impl AuditProcess {
+    /// CPU seconds so far of the audit store's Postgres, with every process it forked
+    /// (backends, WAL writer, checkpointer): recording's cost in the database.
+    fn database_cpu(&self) -> Option<f64> {
+        let pid = self.postgres.as_ref()?.postmaster_pid().ok()?;
+        let mut total = process_cpu(pid)?;
+        for entry in std::fs::read_dir("/proc").ok()?.flatten() {
+            let Some(child) = entry
+                .file_name()
+                .to_str()
+                .and_then(|n| n.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            if parent_of(child) == Some(pid) {
+                total += process_cpu(child).unwrap_or(0.0);
+            }
+        }
+        Some(total)
+    }
+
     async fn start(args: &Args, authz_dir: &Path, port: u16) -> anyhow::Result<AuditProcess> {
         let exe = std::env::current_exe()?;
         let bin = exe
@@ -977,7 +1028,7 @@ impl AuditProcess {
         Ok(AuditProcess {
             child,
             database_url,
-            _postgres: postgres,
+            postgres,
             _dir: dir,
         })
     }
