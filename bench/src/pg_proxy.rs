@@ -332,19 +332,10 @@ async fn main() -> anyhow::Result<()> {
                         proxy_statements += run.transactions;
                         run.catch_up = Some(stack.catch_up(proxy_statements).await?);
                     }
-                    run.cpu = match (cpu_before, cpu_of(t)) {
-                        (Some(a), Some(b)) => Some(b - a),
-                        _ => None,
-                    };
+                    run.cpu = spent(cpu_before, cpu_of(t));
                     if t == TargetKind::PgProxy {
-                        run.store_cpu = match (store_before, store_cpu()) {
-                            (Some(a), Some(b)) => Some(b - a),
-                            _ => None,
-                        };
-                        run.database_cpu = match (database_before, database_cpu()) {
-                            (Some(a), Some(b)) => Some(b - a),
-                            _ => None,
-                        };
+                        run.store_cpu = spent(store_before, store_cpu());
+                        run.database_cpu = spent(database_before, database_cpu());
                     }
                     eprintln!(
                         "-M {:<8} -c {:>2}  {:<9}  {:>9.0} tps  {:.3} ms{}{}{}{}",
@@ -461,21 +452,16 @@ fn print_report(
             (Some(a), Some(d)) => format!("{:+.3}", a.latency_ms - d.latency_ms),
             _ => "–".into(),
         };
-        let cpu = |r: Option<Run>| match r.and_then(|r| r.cpu.map(|c| (c, r.transactions))) {
-            Some((c, n)) if n > 0 => format!("{:.0}", c * 1e6 / n as f64),
+        // µs per query of one of a run's CPU readings.
+        let per_query = |r: Option<Run>, cpu: fn(&Run) -> Option<f64>| match r {
+            Some(r) if r.transactions > 0 => cpu(&r)
+                .map(|c| format!("{:.0}", c * 1e6 / r.transactions as f64))
+                .unwrap_or_else(|| "–".into()),
             _ => "–".into(),
         };
         let bold = match ratio(p, b).parse::<f64>() {
             Ok(x) if x >= 1.0 => format!("**{}**", ratio(p, b)),
             _ => ratio(p, b),
-        };
-        let store = match p.and_then(|r| r.store_cpu.map(|c| (c, r.transactions))) {
-            Some((c, n)) if n > 0 => format!("{:.0}", c * 1e6 / n as f64),
-            _ => "–".into(),
-        };
-        let database = match p.and_then(|r| r.database_cpu.map(|c| (c, r.transactions))) {
-            Some((c, n)) if n > 0 => format!("{:.0}", c * 1e6 / n as f64),
-            _ => "–".into(),
         };
         let caught_up = p
             .and_then(|r| r.catch_up)
@@ -492,10 +478,10 @@ fn print_report(
             ratio(p, d),
             added(b),
             added(p),
-            cpu(b),
-            cpu(p),
-            store,
-            database,
+            per_query(b, |r| r.cpu),
+            per_query(p, |r| r.cpu),
+            per_query(p, |r| r.store_cpu),
+            per_query(p, |r| r.database_cpu),
             caught_up,
         );
     }
@@ -683,34 +669,38 @@ impl Drop for Pgbouncer {
     }
 }
 
-/// The parent process of `pid`.
-fn parent_of(pid: u32) -> Option<u32> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    stat[stat.rfind(')')? + 2..]
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()
-}
-
-/// utime + stime of a process, in seconds.
-fn process_cpu(pid: u32) -> Option<f64> {
+/// A process's parent and its utime + stime in seconds, from `/proc/PID/stat`.
+fn process_stat(pid: u32) -> Option<(u32, f64)> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // Fields after the command name (which may contain spaces) in parentheses.
     let rest = &stat[stat.rfind(')')? + 2..];
     let f: Vec<&str> = rest.split_whitespace().collect();
+    let parent: u32 = f.get(1)?.parse().ok()?;
     let utime: f64 = f.get(11)?.parse().ok()?;
     let stime: f64 = f.get(12)?.parse().ok()?;
-    Some((utime + stime) / clock_ticks())
+    Some((parent, (utime + stime) / clock_ticks()))
+}
+
+/// utime + stime of a process, in seconds.
+fn process_cpu(pid: u32) -> Option<f64> {
+    process_stat(pid).map(|(_, cpu)| cpu)
+}
+
+/// CPU seconds spent between two readings, when both were taken.
+fn spent(before: Option<f64>, after: Option<f64>) -> Option<f64> {
+    Some(after? - before?)
 }
 
 fn clock_ticks() -> f64 {
-    Command::new("getconf")
-        .arg("CLK_TCK")
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
-        .unwrap_or(100.0)
+    static TICKS: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
+    *TICKS.get_or_init(|| {
+        Command::new("getconf")
+            .arg("CLK_TCK")
+            .output()
+            .ok()
+            .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
+            .unwrap_or(100.0)
+    })
 }
 
 fn cpu_model() -> String {
@@ -946,21 +936,21 @@ struct AuditProcess {
 }
 
 impl AuditProcess {
-    /// CPU seconds so far of the audit store's Postgres, with every process it forked
-    /// (backends, WAL writer, checkpointer): recording's cost in the database.
+    /// CPU seconds so far of the audit store's Postgres, with every live process it forked
+    /// (backends, WAL writer, checkpointer): recording's cost in the database. The store
+    /// keeps its connections open, so no backend's time leaves with it during a run.
     fn database_cpu(&self) -> Option<f64> {
         let pid = self.postgres.as_ref()?.postmaster_pid().ok()?;
         let mut total = process_cpu(pid)?;
         for entry in std::fs::read_dir("/proc").ok()?.flatten() {
-            let Some(child) = entry
+            let child = entry
                 .file_name()
                 .to_str()
-                .and_then(|n| n.parse::<u32>().ok())
-            else {
-                continue;
-            };
-            if parent_of(child) == Some(pid) {
-                total += process_cpu(child).unwrap_or(0.0);
+                .and_then(|n| n.parse::<u32>().ok());
+            if let Some((parent, cpu)) = child.and_then(process_stat)
+                && parent == pid
+            {
+                total += cpu;
             }
         }
         Some(total)
