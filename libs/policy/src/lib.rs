@@ -167,6 +167,9 @@ pub struct LocalDecision {
 /// approvals; otherwise the first in the operation's order. A class the policy has no rule for
 /// is denied. An operation with no class gets the [`NO_RISK_CLASS`] rule, or the policy's
 /// `default_decision` if it has none. An unspecified decision anywhere counts as deny.
+///
+/// Only the operation's risk classes are read, never its text, action or targets: a proxy may
+/// decide each combination of classes once per session (pg-proxy does), so keep it so.
 pub fn decide(policy: &SessionPolicy, op: &Operation) -> LocalDecision {
     let find = |class: &str| {
         policy
@@ -336,6 +339,40 @@ mod tests {
         );
         assert_eq!(d.decision, Decision::Deny);
         assert_eq!(d.rule.map(|r| r.risk_class), Some("b".to_owned()));
+    }
+
+    /// pg-proxy decides each combination of risk classes once per session: two operations
+    /// with the same classes must get the same decision, whatever else differs.
+    #[test]
+    fn decide_reads_only_the_risk_classes() {
+        let policy = SessionPolicy {
+            risk_rules: vec![
+                rule("sql.read", Decision::Allow, 0),
+                rule("sql.write", Decision::NeedsApproval, 1),
+            ],
+            ..Default::default()
+        };
+        let classes = vec!["sql.read".to_owned(), "sql.write".to_owned()];
+        let one = Operation {
+            action: "select;update".into(),
+            text: "SELECT 1; UPDATE accounts SET n = 1 WHERE id = 1".into(),
+            targets: vec!["accounts".into()],
+            risk_classes: classes.clone(),
+            ..Default::default()
+        };
+        let other = Operation {
+            action: "insert".into(),
+            text: "INSERT INTO audit VALUES (1)".into(),
+            targets: vec!["audit".into(), "payroll".into()],
+            risk_classes: classes,
+            attributes: [("statements".to_owned(), "2".to_owned())].into(),
+            ..Default::default()
+        };
+        let (a, b) = (decide(&policy, &one), decide(&policy, &other));
+        assert_eq!(a.decision, Decision::NeedsApproval);
+        assert_eq!(a.decision, b.decision);
+        assert_eq!(a.reason, b.reason);
+        assert_eq!(a.rule, b.rule);
     }
 
     #[test]
